@@ -1,0 +1,302 @@
+"""Building blocks shared by the SDXL UNet and the AutoencoderKL (all NHWC).
+
+Parameter names follow diffusers' state-dict keys (``conv1``, ``time_emb_proj``, ``to_q``, ...); conv and
+linear weights are called ``kernel`` (layout (kh, kw, in, out) / (in, out)), norm parameters ``weight`` / ``bias``.
+
+Attention goes through :func:`attention`, which looks an implementation up in :data:`ATTENTION_FNS`
+(default ``"xla"``: ``jax.nn.dot_product_attention``, so XLA / cuDNN picks the kernel). A TPU splash /
+flash kernel is plugged in with :func:`register_attention` and selected by name (``attention_impl``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from got_jax import sharding
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _xla_attention(q, k, v):
+    """q (B, T, N, H), k / v (B, S, N, H) -> (B, T, N, H); scale 1/sqrt(H), no mask."""
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+ATTENTION_FNS: dict[str, AttentionFn] = {"xla": _xla_attention}
+
+
+def register_attention(name: str, fn: AttentionFn) -> None:
+    """Registers an attention kernel ``fn(q, k, v) -> out`` (all (B, T, N, H)) under ``name``."""
+    ATTENTION_FNS[name] = fn
+
+
+def get_attention(name: str) -> AttentionFn:
+    if name not in ATTENTION_FNS:
+        raise ValueError(f"unknown attention implementation {name!r}; registered: {sorted(ATTENTION_FNS)}")
+    return ATTENTION_FNS[name]
+
+
+_init = nnx.initializers
+
+
+class KeyStream:
+    """Stands in for ``nnx.Rngs`` inside these models: ``params()`` folds a Python counter into one key.
+
+    Drawing one key per parameter from ``nnx.Rngs`` makes ``nnx.eval_shape`` of the full SDXL UNet take
+    minutes (each draw updates a traced counter); folding in a counter keeps the build linear.
+    """
+
+    def __init__(self, rngs: "nnx.Rngs | KeyStream"):
+        self._base = rngs.params()
+        self._n = 0
+
+    def params(self) -> jax.Array:
+        self._n += 1
+        return jax.random.fold_in(self._base, self._n)
+
+
+class Conv(nnx.Module):
+    """A 2D convolution over NHWC with 'same'-style symmetric ``padding`` and a bias."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(sharding.param_init(_init.lecun_normal(), "conv_spatial", "conv_spatial", "conv_in",
+                                                    "conv_out")(rngs.params(), (k, k, cin, cout), param_dtype))
+        self.bias = nnx.Param(sharding.param_init(_init.zeros, "conv_out")(rngs.params(), (cout,), param_dtype))
+        self.stride = stride
+        self.padding = k // 2 if padding is None else padding
+        self.dtype = dtype
+
+    def __call__(self, x, padding=None):
+        pad = self.padding if padding is None else padding
+        pad = [(pad, pad)] * 2 if isinstance(pad, int) else pad
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                         (self.stride, self.stride), pad,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class Linear(nnx.Module):
+    """``x @ kernel (+ bias)`` with logical axis names ``names`` on the kernel."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool = True, names=("embed", "mlp"),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(sharding.param_init(_init.lecun_normal(), *names)(rngs.params(), (din, dout),
+                                                                                 param_dtype))
+        self.bias = (nnx.Param(sharding.param_init(_init.zeros, names[1])(rngs.params(), (dout,), param_dtype))
+                     if bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """torch ``GroupNorm`` over the last (channel) axis of an NHWC or (B, T, C) tensor, computed in float32."""
+
+    def __init__(self, groups: int, channels: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not divide into {groups} groups")
+        self.weight = nnx.Param(sharding.param_init(_init.ones, "norm")(rngs.params(), (channels,), param_dtype))
+        self.bias = nnx.Param(sharding.param_init(_init.zeros, "norm")(rngs.params(), (channels,), param_dtype))
+        self.groups, self.eps, self.dtype = groups, eps, dtype
+
+    def __call__(self, x):
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)
+        mean = xg.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch ``LayerNorm`` (affine) over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.weight = nnx.Param(sharding.param_init(_init.ones, "norm")(rngs.params(), (dim,), param_dtype))
+        self.bias = nnx.Param(sharding.param_init(_init.zeros, "norm")(rngs.params(), (dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """diffusers ``get_timestep_embedding``: (N,) -> (N, dim) sinusoids, float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    emb = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """``linear_1 -> silu -> linear_2`` (diffusers ``TimestepEmbedding``)."""
+
+    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = Linear(din, dout, names=("embed", "mlp"), **kw)
+        self.linear_2 = Linear(dout, dout, names=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nnx.Module):
+    """diffusers ``ResnetBlock2D`` (default time-embedding shift, silu, optional 1x1 shortcut)."""
+
+    def __init__(self, cin: int, cout: int, temb_channels: int | None, groups: int, eps: float,
+                 output_scale_factor: float = 1.0, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = GroupNorm(groups, cin, eps, **kw)
+        self.conv1 = Conv(cin, cout, 3, **kw)
+        self.time_emb_proj = (Linear(temb_channels, cout, names=("embed", "conv_out"), **kw)
+                              if temb_channels else None)
+        self.norm2 = GroupNorm(groups, cout, eps, **kw)
+        self.conv2 = Conv(cout, cout, 3, **kw)
+        self.conv_shortcut = Conv(cin, cout, 1, **kw) if cin != cout else None
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x, temb=None):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = (x + h) / self.output_scale_factor if self.output_scale_factor != 1.0 else x + h
+        return sharding.constrain(out, "activation_batch", None, None, None)
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 conv; ``padding=0`` pads (0, 1) on bottom/right first, as diffusers' VAE does."""
+
+    def __init__(self, channels: int, padding: int = 1, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, 3, stride=2, padding=padding, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
+        self.pad = padding
+
+    def __call__(self, x):
+        if self.pad == 0:
+            return self.conv(x, padding=[(0, 1), (0, 1)])
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
+
+
+class Attention(nnx.Module):
+    """diffusers ``Attention`` with ``to_q/to_k/to_v`` (bias optional) and ``to_out.0``; (B, T, C) in and out."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, *, qkv_bias: bool = False,
+                 attention_impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"attention width {dim} does not divide into {heads} heads")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kv_dim = kv_dim or dim
+        self.to_q = Linear(dim, dim, bias=qkv_bias, names=("embed", "heads"), **kw)
+        self.to_k = Linear(kv_dim, dim, bias=qkv_bias, names=("embed", "heads"), **kw)
+        self.to_v = Linear(kv_dim, dim, bias=qkv_bias, names=("embed", "heads"), **kw)
+        self.to_out = nnx.List([Linear(dim, dim, names=("heads", "embed"), **kw)])
+        self.heads = heads
+        self.attention_impl = attention_impl
+
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        b, t, c = x.shape
+        q = self.to_q(x).reshape(b, t, self.heads, -1)
+        k = self.to_k(context).reshape(b, context.shape[1], self.heads, -1)
+        v = self.to_v(context).reshape(b, context.shape[1], self.heads, -1)
+        q = sharding.constrain(q, "activation_batch", None, "activation_heads", None)
+        o = get_attention(self.attention_impl)(q, k, v).reshape(b, t, c)
+        return self.to_out[0](o)
+
+
+class GEGLU(nnx.Module):
+    """``proj`` to 2x width, ``hidden * gelu(gate)`` (exact gelu)."""
+
+    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.proj = Linear(din, dout * 2, names=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """GEGLU feed-forward: torch ``net.0.proj`` -> ``geglu.proj``, ``net.2`` -> ``out``."""
+
+    def __init__(self, dim: int, mult: int = 4, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.geglu = GEGLU(dim, dim * mult, **kw)
+        self.out = Linear(dim * mult, dim, names=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.out(self.geglu(x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm with a residual."""
+
+    def __init__(self, dim: int, heads: int, cross_dim: int, *, attention_impl: str = "xla", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, **kw)
+        self.attn1 = Attention(dim, heads, attention_impl=attention_impl, **kw)
+        self.norm2 = LayerNorm(dim, **kw)
+        self.attn2 = Attention(dim, heads, cross_dim, attention_impl=attention_impl, **kw)
+        self.norm3 = LayerNorm(dim, **kw)
+        self.ff = FeedForward(dim, **kw)
+
+    def __call__(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nnx.Module):
+    """GroupNorm (eps 1e-6) -> linear ``proj_in`` -> transformer blocks -> linear ``proj_out`` + residual."""
+
+    def __init__(self, channels: int, heads: int, layers: int, cross_dim: int, groups: int, *,
+                 attention_impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = GroupNorm(groups, channels, 1e-6, **kw)
+        self.proj_in = Linear(channels, channels, names=("embed", "mlp"), **kw)
+        self.transformer_blocks = nnx.List([BasicTransformerBlock(channels, heads, cross_dim,
+                                                                  attention_impl=attention_impl, **kw)
+                                            for _ in range(layers)])
+        self.proj_out = Linear(channels, channels, names=("mlp", "embed"), **kw)
+
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        y = self.proj_in(self.norm(x).reshape(b, h * w, c))
+        y = sharding.constrain(y, "activation_batch", "activation_length", None)
+        for blk in self.transformer_blocks:
+            y = blk(y, context)
+        return self.proj_out(y).reshape(b, h, w, c) + x
