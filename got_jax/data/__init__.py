@@ -1,0 +1,1 @@
+"""GoT data: annotation records and readers, TFDS builders, the Grain input pipeline, synthetic shapes."""

@@ -1,0 +1,281 @@
+"""Synthetic GoT shapes dataset: coloured circles / squares / triangles with exact GoT boxes.
+
+Every object is drawn inside a pixel rectangle ``[x_lo, x_hi) x [y_lo, y_hi)`` that it touches on
+all four sides, and its GoT box is the 0..1000 box that the layout renderer
+(:func:`got_jax.got.layout.render_layout_canvases`) maps back to exactly that rectangle, so the
+painted layout and the object's pixels coincide. Objects never overlap (one per grid cell).
+
+Captions cover GenEval's six task types (single object, two objects, counting, colours, position,
+colour attribution). Editing pairs (recolour, move, add, remove) carry a numbered editing plan.
+Everything is deterministic from a seed. ``write_shapes`` stores the data as JSONL annotations plus
+PNG files, the format :mod:`got_jax.data.records` reads (``shapes`` field mapping)::
+
+    python -m got_jax.data.shapes --out DIR --size 64 --num-generation 200 --num-editing 100 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from got_jax.got.text import Box, color_to_rgb, format_got
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+EDITS = ("recolor", "move", "add", "remove")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+GRID = 3  # objects live in distinct cells of a GRID x GRID grid
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeObject:
+    """One drawn object: shape, colour name and its exact half-open pixel rectangle."""
+
+    shape: str
+    color: str
+    x_lo: int
+    y_lo: int
+    x_hi: int
+    y_hi: int
+    cell: int
+
+    @property
+    def phrase(self) -> str:
+        return f"{article(self.color)} {self.color} {self.shape}"
+
+
+def article(word: str) -> str:
+    """'a' or 'an' before ``word``."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def pixel_to_box_coords(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """0..1000 corners (c1, c2) that the layout renderer maps to the pixel range ``[lo, hi)``."""
+    if not 0 <= lo < hi <= size or size > 1000:
+        raise ValueError(f"bad pixel range [{lo}, {hi}) for size {size}")
+    c1 = math.ceil(lo * 1000 / size)
+    c2 = math.ceil((hi - 1) * 1000 / size)
+    return c1, c2
+
+
+def object_box(obj: ShapeObject, height: int, width: int) -> Box:
+    """The exact GoT box of ``obj`` with its phrase and colour."""
+    x1, x2 = pixel_to_box_coords(obj.x_lo, obj.x_hi, width)
+    y1, y2 = pixel_to_box_coords(obj.y_lo, obj.y_hi, height)
+    return Box(x1, y1, x2, y2, phrase=obj.phrase, color=obj.color)
+
+
+def shape_mask(shape: str, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of ``shape`` touching all four sides of its h x w rectangle."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    if shape == "square":
+        return np.ones((h, w), bool)
+    if shape == "circle":
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        ry, rx = max(h / 2, 0.5), max(w / 2, 0.5)
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0 + 1e-9
+    if shape == "triangle":
+        # apex on the top row (centre), base spans the whole bottom row
+        frac = (yy + 1) / h
+        cx = (w - 1) / 2
+        return np.abs(xx - cx) <= np.maximum(frac * (w / 2), 0.5) + 1e-9
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(objects: list[ShapeObject], size: int, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """uint8 (size, size, 3) image of the objects on a plain background."""
+    img = np.empty((size, size, 3), np.uint8)
+    img[...] = background
+    for o in objects:
+        m = shape_mask(o.shape, o.y_hi - o.y_lo, o.x_hi - o.x_lo)
+        img[o.y_lo : o.y_hi, o.x_lo : o.x_hi][m] = color_to_rgb(o.color)
+    return img
+
+
+def _place(rng: np.random.Generator, shape: str, color: str, cell: int, size: int) -> ShapeObject:
+    cs = size // GRID
+    row, col = divmod(cell, GRID)
+    min_side = max(4, cs // 2)
+    side_w = int(rng.integers(min_side, cs - 1))
+    side_h = side_w if shape != "triangle" else int(rng.integers(min_side, cs - 1))
+    x_lo = col * cs + int(rng.integers(1, cs - side_w))
+    y_lo = row * cs + int(rng.integers(1, cs - side_h))
+    return ShapeObject(shape, color, x_lo, y_lo, x_lo + side_w, y_lo + side_h, cell)
+
+
+def _cells(rng, n, constraint=None):
+    while True:
+        cells = [int(c) for c in rng.choice(GRID * GRID, size=n, replace=False)]
+        if constraint is None or constraint(cells):
+            return cells
+
+
+_RELATIONS = {
+    "to the left of": lambda a, b: a % GRID < b % GRID,
+    "to the right of": lambda a, b: a % GRID > b % GRID,
+    "above": lambda a, b: a // GRID < b // GRID,
+    "below": lambda a, b: a // GRID > b // GRID,
+}
+
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def sample_scene(rng: np.random.Generator, task: str, size: int) -> tuple[str, list[ShapeObject]]:
+    """A caption of GenEval task type ``task`` and the objects that satisfy it."""
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    if task in ("single_object", "colors"):
+        s, c = pick(SHAPES), pick(COLORS)
+        (cell,) = _cells(rng, 1)
+        cap = f"a photo of a {s}" if task == "single_object" else f"a photo of {article(c)} {c} {s}"
+        return cap, [_place(rng, s, c, cell, size)]
+    if task in ("two_object", "color_attr"):
+        s1, s2 = rng.choice(SHAPES, 2, replace=False)
+        c1, c2 = rng.choice(COLORS, 2, replace=False)
+        cells = _cells(rng, 2)
+        objs = [_place(rng, str(s1), str(c1), cells[0], size), _place(rng, str(s2), str(c2), cells[1], size)]
+        cap = f"a photo of a {s1} and a {s2}" if task == "two_object" else f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}"
+        return cap, objs
+    if task == "counting":
+        n, s, c = int(rng.integers(2, 5)), pick(SHAPES), pick(COLORS)
+        return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", [_place(rng, s, c, k, size) for k in _cells(rng, n)]
+    if task == "position":
+        rel = pick(list(_RELATIONS))
+        n = int(rng.integers(1, 3))
+        s1, s2 = rng.choice(SHAPES, 2, replace=False)
+        c1, c2 = rng.choice(COLORS, 2, replace=False)
+        cells = _cells(rng, n + 1, lambda cs: all(_RELATIONS[rel](a, cs[-1]) for a in cs[:-1]))
+        objs = [_place(rng, str(s1), str(c1), k, size) for k in cells[:-1]] + [_place(rng, str(s2), str(c2), cells[-1], size)]
+        cap = f"{NUMBER_WORDS[n]} {c1} {_plural(str(s1), n)} {rel} {article(str(c2))} {c2} {s2}"
+        return cap, objs
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def got_text(caption: str, objects: list[ShapeObject], size: int) -> str:
+    """Generation GoT text in the released format (description, then one box per object)."""
+    boxes = [object_box(o, size, size) for o in objects]
+    names = ", ".join(o.phrase for o in objects)
+    prefix = f"The image shows {caption} on a plain white background, containing {names}.\n"
+    return format_got(boxes, prefix)
+
+
+def generation_example(seed: int, index: int, size: int) -> dict:
+    """One generation example: caption, GoT text, image (uint8 HWC) and the ground-truth boxes."""
+    rng = np.random.default_rng([seed, 0, index])
+    task = TASKS[index % len(TASKS)]
+    caption, objs = sample_scene(rng, task, size)
+    return {
+        "id": f"gen_{index:07d}", "task": task, "caption": caption, "got": got_text(caption, objs, size),
+        "image": render(objs, size), "boxes": [object_box(o, size, size) for o in objs],
+    }
+
+
+def editing_example(seed: int, index: int, size: int) -> dict:
+    """One editing pair (recolour / move / add / remove) with a numbered editing plan."""
+    rng = np.random.default_rng([seed, 1, index])
+    kind = EDITS[index % len(EDITS)]
+    n = int(rng.integers(1 if kind in ("add", "recolor", "move") else 2, 4))
+    cells = _cells(rng, n + 1)
+    objs = [_place(rng, str(rng.choice(SHAPES)), str(rng.choice(COLORS)), k, size) for k in cells[:n]]
+    k = int(rng.integers(n))
+    tgt = list(objs)
+    if kind == "recolor":
+        new = str(rng.choice([c for c in COLORS if c != objs[k].color]))
+        tgt[k] = dataclasses.replace(objs[k], color=new)
+        instr = f"change the color of the {objs[k].color} {objs[k].shape} to {new}"
+        subject, result = objs[k], tgt[k]
+    elif kind == "move":
+        o = objs[k]
+        cs = size // GRID
+        dr, dc = divmod(cells[n], GRID)
+        r, c = divmod(o.cell, GRID)
+        dx, dy = (dc - c) * cs, (dr - r) * cs
+        tgt[k] = dataclasses.replace(o, x_lo=o.x_lo + dx, x_hi=o.x_hi + dx, y_lo=o.y_lo + dy, y_hi=o.y_hi + dy, cell=cells[n])
+        instr = f"move the {o.color} {o.shape} to the {['top', 'middle', 'bottom'][dr]} {['left', 'center', 'right'][dc]}"
+        subject, result = o, tgt[k]
+    elif kind == "add":
+        new = _place(rng, str(rng.choice(SHAPES)), str(rng.choice(COLORS)), cells[n], size)
+        tgt.append(new)
+        instr = f"add {new.phrase}"
+        subject, result = new, new
+    else:
+        o = tgt.pop(k)
+        instr = f"remove the {o.color} {o.shape}"
+        subject, result = o, None
+    sb = object_box(subject, size, size)
+    names = ", ".join(o.phrase for o in objs)
+    steps = [f"1. The source image shows {names} on a plain white background.\n", f"2. The object to edit is "]
+    segs = [steps[0] + steps[1]]
+    boxes = [sb]
+    if kind == "add":
+        segs = [steps[0] + "2. The new object goes at "]
+    tail = {
+        "recolor": f".\n3. Change its color from {subject.color} to {result.color if result else ''}.\n4. The result shows {', '.join(o.phrase for o in tgt)}.",
+        "move": ".\n3. Move it to its new position ",
+        "add": f".\n3. Paint {subject.phrase} there.\n4. The result shows {', '.join(o.phrase for o in tgt)}.",
+        "remove": f".\n3. Remove it and fill the area with the white background.\n4. The result shows {', '.join(o.phrase for o in tgt) or 'an empty background'}.",
+    }[kind]
+    if kind == "move":
+        boxes.append(object_box(result, size, size))
+        segs.append(tail)
+        tail = f".\n4. The result shows {', '.join(o.phrase for o in tgt)}."
+    return {
+        "id": f"edit_{index:07d}", "task": kind, "instruction": instr, "got": format_got(boxes, segments=segs, suffix=tail),
+        "source_image": render(objs, size), "target_image": render(tgt, size), "boxes": boxes,
+    }
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    Image.fromarray(img).save(path, format="PNG")
+
+
+def write_shapes(out: str | os.PathLike, *, size: int = 64, num_generation: int = 60, num_editing: int = 20, seed: int = 0) -> Path:
+    """Write ``generation.jsonl`` / ``editing.jsonl`` + ``images/*.png`` under ``out`` (atomically per file)."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for name, n, fn in (("generation", num_generation, generation_example), ("editing", num_editing, editing_example)):
+        lines = []
+        for i in range(n):
+            ex = fn(seed, i, size)
+            rec = {k: ex[k] for k in ("id", "task", "got")}
+            if name == "generation":
+                rec["caption"] = ex["caption"]
+                rec["image"] = f"images/{ex['id']}.png"
+                _write_png(out / rec["image"], ex["image"])
+            else:
+                rec["instruction"] = ex["instruction"]
+                for key in ("source_image", "target_image"):
+                    rec[key] = f"images/{ex['id']}_{key.split('_')[0]}.png"
+                    _write_png(out / rec[key], ex[key])
+            lines.append(json.dumps(rec))
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + ("\n" if lines else ""))
+        os.replace(tmp, out / f"{name}.jsonl")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--num-generation", type=int, default=60)
+    p.add_argument("--num-editing", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    path = write_shapes(a.out, size=a.size, num_generation=a.num_generation, num_editing=a.num_editing, seed=a.seed)
+    print(f"wrote {a.num_generation} generation and {a.num_editing} editing examples to {path}")
+
+
+if __name__ == "__main__":
+    main()
