@@ -1,0 +1,1 @@
+"""Command-line converters between released PyTorch checkpoints and got-jax's Orbax folders."""
