@@ -1,0 +1,27 @@
+"""Sampling defaults of the released GoT ``generate`` (``python sample.py --ckpt DIR``).
+
+Override any field on the command line, e.g. ``--config.height=768 --config.guidance_scale=4.0``.
+Paper values for editing: guidance_scale 4.0, layout_guidance_scale 3.0, image_guidance_scale 1.5.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.height = 1024
+    c.width = 1024
+    c.num_inference_steps = 50
+    c.guidance_scale = 7.5  # g: text
+    c.layout_guidance_scale = 4.0  # c: layout
+    c.image_guidance_scale = 1.0  # i: reference image
+    c.seed = 42
+    c.scheduler = "ddpm"  # ddpm | ddim | euler | dpmpp_2m | dpmpp_2m_karras
+    c.max_new_tokens = 1024
+    c.temperature = 0.0  # 0 = greedy chains
+    c.max_rounds = 1  # > 1: multi-turn (the reasoner may feed its image back)
+    c.batch_size = 4  # prompts per call (one UNet batch of 4 x batch_size per step)
+    c.dtype = "bfloat16"  # compute dtype; parameters keep the checkpoint's dtype
+    c.mesh_shape = ()  # (data, fsdp, tensor), e.g. (1, -1, 1); () = one device
+    c.max_boxes = 32
+    return c

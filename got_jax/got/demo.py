@@ -1,0 +1,67 @@
+"""A tiny random-weight GoT for demos and smoke runs (no weights, no torch, no downloads).
+
+:func:`demo_config` is a converted-folder-style config (Qwen2.5-VL reasoner in the transformers
+5.x form, diffusers UNet / VAE dicts, SDXL's scheduler) at toy sizes whose special-token ids come
+from the bundled tokenizer; :func:`demo_pipeline` builds the model with random weights and returns a
+ready :class:`~got_jax.got.pipeline.GoTPipeline`. Its chains and images are noise: it exercises every
+stage of sampling (reasoning, guidance, the jitted diffusion loop, decode, layout pictures) until
+converted GoT-6B weights are given with ``sample.py --ckpt``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from got_jax.got.model import GoT
+from got_jax.got.pipeline import GoTPipeline
+from got_jax.got.tokenizer import got_token_ids, load_tokenizer
+from got_jax.models.qwen2_5_vl.processing import make_image_processor
+
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                  "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+                  "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
+DEMO_PROCESSOR = dict(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2)
+
+
+def demo_config(tokenizer=None, hidden: int = 64) -> dict[str, Any]:
+    """The converted-folder config of the demo GoT (see the module docstring)."""
+    tok = tokenizer if tokenizer is not None else load_tokenizer()
+    ids = got_token_ids(tok)
+    reasoner = {
+        "model_type": "qwen2_5_vl", "tie_word_embeddings": True, "image_token_id": ids.image_pad,
+        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"), "vision_start_token_id": ids.vision_start,
+        "vision_end_token_id": ids.vision_end, "eos_token_id": ids.endoftext,
+        "text_config": {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "type": "mrope",
+                                                                  "mrope_section": [2, 3, 3], "rope_theta": 1e4}},
+        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                          "out_hidden_size": hidden, "fullatt_block_indexes": [1], "window_size": 32, "patch_size": 4,
+                          "temporal_patch_size": 2, "spatial_merge_size": 2},
+    }
+    unet = {"in_channels": 12, "out_channels": 4, "block_out_channels": [32, 64],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
+            "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4], "cross_attention_dim": hidden,
+            "norm_num_groups": 8, "use_linear_projection": True, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8, "sample_size": 16}
+    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 16, 32, 32],
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 128, "scaling_factor": 0.13025}
+    return {"format": "got-jax", "reasoner": reasoner, "unet": unet, "vae": vae, "scheduler": dict(SDXL_SCHEDULER),
+            "projectors": {"projector": {"in_features": hidden, "out_features": hidden},
+                           "pooled_projector": {"in_features": hidden, "out_features": 32}}}
+
+
+def demo_pipeline(seed: int = 0, *, dtype=jnp.float32, mesh=None, rules=None) -> GoTPipeline:
+    """A :class:`GoTPipeline` on a freshly initialised tiny GoT (random weights from ``seed``)."""
+    tok = load_tokenizer()
+    model = GoT(demo_config(tok), dtype=dtype, rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        from got_jax import sharding  # noqa: PLC0415
+
+        model = sharding.shard_model(model, mesh, rules if rules is not None else sharding.DEFAULT_RULES)
+    return GoTPipeline(model, tok, make_image_processor(**DEMO_PROCESSOR), mesh=mesh, rules=rules)
