@@ -7,7 +7,7 @@ Converted GoT-6B weights (see README, "Convert the released weights"):
         --config.guidance_scale=4.0 --config.layout_guidance_scale=3.0 --config.image_guidance_scale=1.5
     python sample.py --ckpt /ckpt/got6b-jax --prompts_file prompts.txt --outdir out --config.mesh_shape="(1,-1,1)"
 
-Interactive generation: ``--got_text`` (or ``--got_text_file``) paints your own plan instead of a
+Interactive generation: ``--got_text`` (or ``--got_text_file``, one file per prompt) paints your own plan instead of a
 sampled one; ``--only_return_got`` writes the chains without painting (edit them, pass them back).
 
 Without weights, ``--demo`` runs a tiny random-weight GoT end to end (chains and images are noise).
@@ -36,7 +36,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption (T2I) or instruction 
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Source image per prompt for editing (repeat in prompt order).")
 _GOT_TEXT = flags.DEFINE_multi_string("got_text", [], "Interactive: a GoT plan per prompt to paint instead of sampling.")
-_GOT_TEXT_FILE = flags.DEFINE_string("got_text_file", None, "Interactive: file with one GoT plan per line.")
+_GOT_TEXT_FILE = flags.DEFINE_multi_string("got_text_file", [], "Interactive: a file holding one prompt's GoT plan "
+                                           "(e.g. an edited NNNNN_got.txt); repeat in prompt order.")
 _ONLY_GOT = flags.DEFINE_bool("only_return_got", False, "Write the reasoning chains only (no diffusion).")
 _OUTDIR = flags.DEFINE_string("outdir", "out", "Output folder.")
 
@@ -45,6 +46,14 @@ def _lines(path: str) -> list[str]:
     try:
         with open(path) as f:
             return [ln.rstrip("\n") for ln in f if ln.strip()]
+    except OSError as e:
+        raise app.UsageError(f"cannot read {path}: {e}") from None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().rstrip("\n")
     except OSError as e:
         raise app.UsageError(f"cannot read {path}: {e}") from None
 
@@ -102,7 +111,7 @@ def main(argv):
     images = list(_IMAGE.value)
     if images and len(images) != len(prompts):
         raise app.UsageError(f"{len(images)} --image for {len(prompts)} prompts: give one source image per prompt")
-    plans = list(_GOT_TEXT.value) + (_lines(_GOT_TEXT_FILE.value) if _GOT_TEXT_FILE.value else [])
+    plans = list(_GOT_TEXT.value) + [_read(p) for p in _GOT_TEXT_FILE.value]
     if plans and len(plans) != len(prompts):
         raise app.UsageError(f"{len(plans)} GoT texts for {len(prompts)} prompts")
 
