@@ -20,7 +20,7 @@ labels              int32    (B, L)            ``input_ids`` on GoT answer token
                                                ``<|im_gen_start|>``), -100 elsewhere (HF
                                                convention: logits at t-1 predict labels[t])
 loss_mask           bool     (B, L)            ``labels != -100``
-query_mask          bool     (B, L)            the 64 ``<|im_gen_XXXX|>`` query positions
+query_mask          bool     (B, L)            the 64 ``<|im_gen_NNNN|>`` query positions
 pixel_values        float32  (B, P, 1176)      reasoner view of the source image (editing:
                                                448x448 bicubic, Qwen2.5-VL processor), zero-
                                                padded to P patches; all zero for T2I
