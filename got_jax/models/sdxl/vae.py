@@ -17,7 +17,7 @@ from flax import nnx
 from got_jax import sharding
 from got_jax.models.sdxl.config import VAEConfig
 from got_jax.models.sdxl.layers import (Conv, Downsample2D, GroupNorm, KeyStream, Linear, ResnetBlock2D,
-                                        Upsample2D)
+                                        Upsample2D, get_attention)
 
 _EPS = 1e-6
 
@@ -61,7 +61,7 @@ class VAEAttention(nnx.Module):
         b, h, w, c = x.shape
         y = self.group_norm(x).reshape(b, h * w, 1, c)
         q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
-        o = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+        o = get_attention("xla")(q, k, v).reshape(b, h * w, c)
         return self.to_out[0](o).reshape(b, h, w, c) + x
 
 
