@@ -20,10 +20,12 @@ import json
 import os
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 import torch
 from convert_helpers import qwen_state_4x, tiny_unet_config
+from flax import nnx
 from got_reference import TorchGoT, released_layout_canvases
 from PIL import Image
 from transformers import Qwen2_5_VLConfig as HFQwenConfig
@@ -90,14 +92,16 @@ def source_image() -> Image.Image:
     return Image.fromarray(arr)
 
 
-def _hf_qwen(tok, seed=1) -> HFQwen:
+def _hf_qwen(tok, seed=1, *, hidden=HIDDEN, intermediate=37, layers=2, heads=4, kv_heads=2,
+             mrope_section=(2, 1, 1)) -> HFQwen:
+    """The random reasoner (benchmarks/pipeline.py builds larger ones with the same code)."""
     ids = got_token_ids(tok)
     torch.manual_seed(seed)
-    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, eos_token_id=ids.endoftext,
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=10000.0, rms_norm_eps=1e-6,
+                rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)}, eos_token_id=ids.endoftext,
                 pad_token_id=ids.endoftext)
-    vision = dict(depth=2, hidden_size=16, intermediate_size=12, num_heads=2, out_hidden_size=HIDDEN,
+    vision = dict(depth=2, hidden_size=16, intermediate_size=12, num_heads=2, out_hidden_size=hidden,
                   fullatt_block_indexes=[1], window_size=16, patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
     hf = HFQwen(HFQwenConfig(text_config=text, vision_config=vision, image_token_id=ids.image_pad,
                              video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -115,20 +119,24 @@ def _hf_qwen(tok, seed=1) -> HFQwen:
     return hf
 
 
-def _plant_image_start(hf, ref: TorchGoT, tok) -> float:
-    """Boosts <|im_gen_start|>'s embedding row along the mean final-hidden direction (see module doc)."""
+def _plant_image_start(hf, ref: TorchGoT, tok, cases=None, max_new=MAX_NEW, grid=(2.0, 12.0)) -> float:
+    """Boosts <|im_gen_start|>'s LM-head row along the mean final-hidden direction (see module doc).
+
+    ``cases``: (prompt, image, kind) triples that must all stop at it (default: the two test prompts).
+    """
+    cases = cases or ((T2I_PROMPT, None, "t2i"), (EDIT_PROMPT, source_image(), "edit"))
     boi = got_token_ids(tok).im_gen_start
     emb = hf.lm_head.weight
     with torch.no_grad():
-        ids = torch.tensor([tok(chat_prompt(tok, T2I_PROMPT, False))["input_ids"]])
+        ids = torch.tensor([tok(chat_prompt(tok, cases[0][0], False))["input_ids"]])
         h = hf(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
         m = h.mean(0) / h.mean(0).norm()
         base = emb[boi].clone()
-        for alpha in np.arange(2.0, 12.0, 0.5).tolist():
+        for alpha in np.arange(*grid, 0.5).tolist():
             emb[boi] = base + alpha * m
             ok = True
-            for prompt, image, kind in ((T2I_PROMPT, None, "t2i"), (EDIT_PROMPT, source_image(), "edit")):
-                r = ref.generate(prompt, image, max_new_tokens=MAX_NEW, prompt_type=kind, only_return_got=True)
+            for prompt, image, kind in cases:
+                r = ref.generate(prompt, image, max_new_tokens=max_new, prompt_type=kind, only_return_got=True)
                 new = r.input_ids[0].tolist()
                 if new[-1] != boi or len(new) - r.prompt_len - 1 < 3:
                     ok = False
@@ -299,3 +307,45 @@ def test_plan_edge_cases(got):
 def test_bundled_tokenizer_is_the_loaded_one(got):
     assert os.path.isfile(BUNDLED_TOKENIZER_DIR / "tokenizer_config.json")
     assert got_token_ids(got.pipe.tokenizer) == got_token_ids(got.tok)
+
+
+def test_multi_round_continues_like_released(got):
+    """max_rounds=2: after the image the reasoner continues from the query tokens, as released (a new
+    <|im_gen_start|> paints again with the last image as the reference). Same token ids and chain; every
+    image within 2/255."""
+    prompt_text = chat_prompt(got.tok, T2I_PROMPT, False)
+    r = got.ref.generate(T2I_PROMPT, max_new_tokens=MAX_NEW, num_inference_steps=2, height=SIZE, width=SIZE,
+                         got_input=prompt_text + PLAN, max_rounds=2)
+    assert len(r.images) >= 1
+    noise = (nchw_to_nhwc(r.initial_latents[0]), np.stack([nchw_to_nhwc(z) for z in r.step_noises[0]]))
+    for k in range(1, len(r.images)):  # the released code re-seeds its generator for every image
+        np.testing.assert_array_equal(nchw_to_nhwc(r.initial_latents[k]), noise[0])
+    out = got.pipe(T2I_PROMPT, got_texts=PLAN, max_rounds=2, height=SIZE, width=SIZE, num_inference_steps=2,
+                   max_new_tokens=MAX_NEW, noise=noise, return_intermediates=True)
+    np.testing.assert_array_equal(out.token_ids[0], r.input_ids[0].numpy())
+    assert out.got_texts[0] == r.got_text
+    assert len(out.all_images[0]) == len(r.images) == len(out.intermediates[0])
+    for k, inter in enumerate(out.intermediates[0]):
+        assert np.abs(inter["image"] - r.image_arrays[k]).max() <= 2 / 255, f"image {k}"
+        # image k >= 1 is painted over image k-1 as uint8, where a pixel within 2/255 may land one level
+        # apart: its reference latents carry that, hence 5e-3 (relative) instead of 1e-4
+        close(inter["reference_latents"], nchw_to_nhwc(r.reference_latents[k])[0], f"reference latents {k}",
+              tol=1e-4 if k == 0 else 5e-3)
+
+
+def test_sharded_pipeline_matches_single_device(got):
+    """The converted folder restored onto a (data 2, fsdp 4) mesh of fake CPU devices samples the same
+    chains and images (max abs error <= 1e-4) as the single-device pipeline, with parameters sharded."""
+    from got_jax import sharding
+
+    mesh = sharding.make_mesh((2, 4, 1))
+    pipe = gp.GoTPipeline.from_pretrained(str(got.folder), mesh=mesh)
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(nnx.state(pipe.model)) if hasattr(leaf, "sharding")]
+    assert any("fsdp" in tuple(s) for s in specs), "no parameter is sharded over fsdp"
+    kw = dict(got_texts=[PLAN, None], height=SIZE, width=SIZE, num_inference_steps=2, max_new_tokens=MAX_NEW,
+              seed=[1, 2], return_intermediates=True)
+    a = pipe([T2I_PROMPT, "a cat"], **kw)
+    b = got.pipe([T2I_PROMPT, "a cat"], **kw)
+    for i in range(2):
+        np.testing.assert_array_equal(a.token_ids[i], b.token_ids[i])
+        close(a.intermediates[i][0]["image"], b.intermediates[i][0]["image"], f"sharded image {i}")
