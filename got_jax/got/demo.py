@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from got_jax.got.model import GoT
@@ -56,10 +58,29 @@ def demo_config(tokenizer=None, hidden: int = 64) -> dict[str, Any]:
                            "pooled_projector": {"in_features": hidden, "out_features": 32}}}
 
 
+def random_model(config, seed: int = 0, *, dtype=jnp.float32) -> GoT:
+    """A GoT with host-drawn random weights: biases 0, vectors (norm scales) 1, other arrays normal with
+    std 1/sqrt(fan-in). Built abstractly and filled from numpy, so no initialiser is compiled (an eager
+    ``GoT(..., rngs=...)`` compiles one small program per parameter shape: ~40 s even for the demo)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GoT(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        if str(getattr(path[-1], "key", path[-1])) == "bias":
+            return jnp.zeros(x.shape, x.dtype)
+        if len(x.shape) == 1:
+            return jnp.ones(x.shape, x.dtype)
+        fan_in = int(np.prod(x.shape[:-1]))
+        return jnp.asarray(rng.standard_normal(x.shape, np.float32) / np.sqrt(fan_in), x.dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state)
+
+
 def demo_pipeline(seed: int = 0, *, dtype=jnp.float32, mesh=None, rules=None) -> GoTPipeline:
-    """A :class:`GoTPipeline` on a freshly initialised tiny GoT (random weights from ``seed``)."""
+    """A :class:`GoTPipeline` on a tiny GoT with random weights from ``seed``."""
     tok = load_tokenizer()
-    model = GoT(demo_config(tok), dtype=dtype, rngs=nnx.Rngs(seed))
+    model = random_model(demo_config(tok), seed, dtype=dtype)
     if mesh is not None:
         from got_jax import sharding  # noqa: PLC0415
 
