@@ -143,7 +143,8 @@ def main(argv):
                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                    layout_guidance_scale=cfg.layout_guidance_scale, image_guidance_scale=cfg.image_guidance_scale,
                    seed=[cfg.seed + i for i in idx], scheduler=cfg.scheduler, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, max_rounds=cfg.max_rounds, only_return_got=_ONLY_GOT.value)
+                   temperature=cfg.temperature, max_rounds=cfg.max_rounds, only_return_got=_ONLY_GOT.value,
+                   progress=True)
         for j, i in enumerate(idx):
             stem = f"{i:05d}"
             _atomic(out / f"{stem}_got.txt", lambda p, t=res.got_texts[j]: Path(p).write_text(t + "\n"))

@@ -33,6 +33,7 @@ unknown colour names fall back to white (:func:`got_jax.got.text.parse_got`); a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -231,7 +232,7 @@ class GoTPipeline:
 
     def _ctx(self):
         if self.mesh is None:
-            return _NullCtx()
+            return contextlib.nullcontext()
         return sharding.use_mesh(self.mesh, self.rules if self.rules is not None else sharding.DEFAULT_RULES)
 
     def _vision(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +270,8 @@ class GoTPipeline:
         forbids images. ``got_texts`` (interactive generation): per prompt a GoT text (or
         :class:`~got_jax.got.text.Plan` text) to use instead of sampling one; ``<|im_gen_start|>``
         is appended when missing. ``noise = (initial (B, h, w, 4), steps (S, B, h, w, 4))``
-        overrides the random draws (NHWC latents). Scales follow the released names: g text
+        overrides the random draws (NHWC latents). ``progress`` shows a per-step tqdm bar of the
+        denoising loop (a host callback from inside the compiled loop). Scales follow the released names: g text
         (``guidance_scale``), c layout (``layout_guidance_scale``), i reference (``image_guidance_scale``).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -431,13 +433,23 @@ class GoTPipeline:
             init = step_noise = None
         seeds = jnp.asarray([r.seed for r in rows], jnp.uint32)
         time_ids = jnp.asarray([[height, width, crop[0], crop[1], height, width]] * len(rows), jnp.float32)
-        fn = self._paint_fn(scheduler_name, steps)
+        fn = self._paint_fn(scheduler_name, steps, progress)
         graphdef, state = nnx.split(model)
+        bar = None
         if progress:
-            log.info("painting %d image(s) at %dx%d, %d steps", len(rows), height, width, steps)
-        out = fn(graphdef, state, hidden, jnp.asarray(canvases), jnp.asarray(box_mask), jnp.asarray(refs), seeds,
-                 jnp.asarray(scales), time_ids, init, step_noise, (h8, w8, lc))
-        images = np.asarray(out["image"])
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=steps, desc=f"denoising {len(rows)} image(s) at {height}x{width}", unit="step",
+                       leave=False)
+            _BARS.append(bar)
+        try:
+            out = fn(graphdef, state, hidden, jnp.asarray(canvases), jnp.asarray(box_mask), jnp.asarray(refs), seeds,
+                     jnp.asarray(scales), time_ids, init, step_noise, (h8, w8, lc))
+            images = np.asarray(out["image"])
+        finally:
+            if bar is not None:
+                _BARS.remove(bar)
+                bar.close()
         for j, r in enumerate(rows):
             pil = Image.fromarray((images[j] * 255).astype(np.uint8))
             r.images.append(pil)
@@ -446,11 +458,11 @@ class GoTPipeline:
                 r.intermediates.append({"hidden": np.asarray(hidden[j]), "layout_latents": np.asarray(out["layout"][j]),
                                         "reference_latents": np.asarray(out["reference"][j]), "image": images[j]})
 
-    def _paint_fn(self, scheduler_name: str, steps: int):
-        key = (scheduler_name, steps)
+    def _paint_fn(self, scheduler_name: str, steps: int, progress: bool):
+        key = (scheduler_name, steps, progress)
         if key not in self._paint_fns:
             sched = make_scheduler(scheduler_name, self.scheduler_config, steps)
-            self._paint_fns[key] = jax.jit(functools.partial(_paint_program, sched), static_argnums=(0, 11))
+            self._paint_fns[key] = jax.jit(functools.partial(_paint_program, sched, progress), static_argnums=(0, 11))
         return self._paint_fns[key]
 
     # ------------------------------------------------------------------------------------ output
@@ -470,16 +482,16 @@ class GoTPipeline:
                          intermediates=[r.intermediates for r in rows] if keep else None)
 
 
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+_BARS: list = []  # progress bars of running paint programs (host side of the per-step callback)
 
 
-def _paint_program(sched, graphdef, state, hidden, canvases, box_mask, refs, seeds, scales, time_ids, init, step_noise,
-                   latent_shape):
+def _tick(_step):
+    if _BARS:
+        _BARS[-1].update(1)
+
+
+def _paint_program(sched, progress, graphdef, state, hidden, canvases, box_mask, refs, seeds, scales, time_ids, init,
+                   step_noise, latent_shape):
     """Guidance + the whole denoising loop + VAE decode, one program (jit with ``sched``/shapes static)."""
     model = nnx.merge(graphdef, state)
     context, null, pooled = model.semantic_guidance(hidden)
@@ -499,6 +511,8 @@ def _paint_program(sched, graphdef, state, hidden, canvases, box_mask, refs, see
             nz = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), latent_shape))(keys)
         else:
             nz = step_noise[i]
+        if progress:
+            jax.debug.callback(_tick, i)
         x_in = sched.scale_model_input(x, i)
         e = model.guided_noise(x_in, timesteps[i], context, null, pooled, reference, layout, time_ids, scales)
         return sched.step(e, i, x, noise=nz, state=sstate)
