@@ -349,3 +349,27 @@ def test_sharded_pipeline_matches_single_device(got):
     for i in range(2):
         np.testing.assert_array_equal(a.token_ids[i], b.token_ids[i])
         close(a.intermediates[i][0]["image"], b.intermediates[i][0]["image"], f"sharded image {i}")
+
+
+@pytest.mark.parametrize("name,cls", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler"),
+                                      ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+def test_other_schedulers_match_diffusers(got, name, cls):
+    """The released generate with another diffusers scheduler (same config dict) vs ours by name: image within
+    2/255 (4 steps, interactive plan, the reference's initial latents fed to ours; these draw no step noise).
+    Swapping two schedulers' names makes the error about 0.98."""
+    import diffusers
+
+    prompt_text = chat_prompt(got.tok, T2I_PROMPT, False)
+    saved = got.ref.scheduler
+    got.ref.scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
+    try:
+        r = got.ref.generate(T2I_PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                             got_input=prompt_text + PLAN)
+    finally:
+        got.ref.scheduler = saved
+    assert r.step_noises[0] == []
+    init = nchw_to_nhwc(r.initial_latents[0])
+    out = got.pipe(T2I_PROMPT, got_texts=PLAN, scheduler=name, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                   noise=(init, np.zeros((STEPS,) + init.shape, np.float32)), return_intermediates=True)
+    err = np.abs(out.intermediates[0][0]["image"] - r.image_arrays[0]).max()
+    assert err <= 2 / 255, f"{name}: image max abs error {err:.4f} > 2/255"
