@@ -16,6 +16,8 @@ from got_jax.checkpoint.got_layout import embedding_rows, split_got, with_vocab_
 from got_jax.checkpoint.lora import has_lora, lora_scaling, merge_lora
 from got_jax.checkpoint.orbax_io import atomic_dir, load_checkpoint, pure_tree, restore_params, save_params
 
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
+
 
 def _src(d: dict) -> TensorSource:
     return TensorSource({k: (v.shape, v.dtype, "mem", lambda v=v: v) for k, v in d.items()}, "test")
@@ -157,7 +159,7 @@ def test_full_size_got_tree_layout():
 
     from got_jax.checkpoint.got_layout import part_builders
 
-    ref = "/work/shared/reference/configs/"
+    ref = REFERENCE_CONFIGS + "/"
     load = lambda name: json.load(open(ref + name))  # noqa: E731
     cfg = {"reasoner": with_vocab_size(load("qwen2_5_vl_3b_config.json"), 151665 + 66),
            "unet": {**load("sdxl_base_unet_config.json"), "in_channels": 12}, "vae": load("sdxl_vae_config.json"),

@@ -25,6 +25,8 @@ from got_jax.models.qwen2_5_vl import (Qwen2_5_VLConfig, Qwen2_5_VLForConditiona
                                        get_rope_index, load_hf_checkpoint, preprocess_images)
 from got_jax.models.qwen2_5_vl.vision import prepare_vision_inputs
 
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
+
 IMG, VID, VSTART, VEND = 200, 201, 198, 199  # tiny-config special ids (the code reads them from config.json)
 TEXT = dict(vocab_size=211, hidden_size=60, intermediate_size=83, num_hidden_layers=3, num_attention_heads=5,
             num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [1, 2, 3]}, rope_theta=10000.0,
@@ -102,7 +104,7 @@ def tied(tmp_path_factory):
 
 
 def test_config_both_layouts():
-    ref = json.load(open("/work/shared/reference/configs/qwen2_5_vl_3b_config.json"))
+    ref = json.load(open(os.path.join(REFERENCE_CONFIGS, "qwen2_5_vl_3b_config.json")))
     cfg4 = Qwen2_5_VLConfig.from_hf_config(ref)
     hf5 = HFConfig(**ref).to_dict()
     assert "text_config" in hf5
@@ -117,7 +119,7 @@ def test_config_both_layouts():
 
 
 def test_full_size_eval_shape_param_count():
-    cfg = Qwen2_5_VLConfig.from_hf_config("/work/shared/reference/configs/qwen2_5_vl_3b_config.json")
+    cfg = Qwen2_5_VLConfig.from_hf_config(os.path.join(REFERENCE_CONFIGS, "qwen2_5_vl_3b_config.json"))
     abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
     assert abstract.lm_head is None  # tied
     assert count_params(abstract) == 3_754_622_976

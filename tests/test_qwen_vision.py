@@ -7,6 +7,7 @@ matmul precision with ``max abs err <= 1e-4 * max(1, max |reference|)``.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ from got_jax.checkpoint import CheckpointError, export_state, load_into_abstract
 from got_jax.models.qwen2_5_vl.vision import (VISION_TABLE, Qwen2_5_VisionTransformer, VisionConfig,
                                               load_vision_weights, pad_pixel_values, position_ids,
                                               prepare_vision_inputs, segment_attention, window_index)
+
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
 
 TINY = dict(depth=4, hidden_size=48, num_heads=3, intermediate_size=37, out_hidden_size=29, window_size=84,
             fullatt_block_indexes=[1, 3], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -67,7 +70,7 @@ def _processor():
 
 
 def test_config_from_hf_both_layouts_and_full_size_shapes():
-    ref = json.load(open("/work/shared/reference/configs/qwen2_5_vl_3b_config.json"))["vision_config"]
+    ref = json.load(open(os.path.join(REFERENCE_CONFIGS, "qwen2_5_vl_3b_config.json")))["vision_config"]
     cfg4 = VisionConfig.from_hf(ref)  # transformers 4.x: in_chans, no rope_parameters, extra keys
     sizes = (cfg4.depth, cfg4.hidden_size, cfg4.num_heads, cfg4.out_hidden_size, cfg4.in_chans)
     assert sizes == (32, 1280, 16, 2048, 3)

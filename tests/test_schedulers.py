@@ -4,6 +4,7 @@ Tolerance: max abs error <= 1e-4 * max(1, max|reference|) over the whole traject
 Our loops run under jax.jit + lax.fori_loop through the uniform stateful API (init_state / step(state=)).
 """
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,9 @@ import diffusers.schedulers.scheduling_ddpm as ddpm_mod
 
 from got_jax.diffusion import TrainSchedule, make_scheduler
 
-CFG = json.load(open("/work/shared/reference/configs/sdxl_scheduler_config.json"))
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
+
+CFG = json.load(open(os.path.join(REFERENCE_CONFIGS, "sdxl_scheduler_config.json")))
 
 
 def _fake_np(x, t):

@@ -1,6 +1,7 @@
 """SDXL UNet parity with diffusers 0.42.1 on the same (tiny, random) weights, loaded by our loader."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,11 @@ from got_jax import sharding
 from got_jax.checkpoint import CheckpointError
 from got_jax.models.sdxl import UNet2DConditionModel, UNetConfig, load_diffusers_checkpoint
 
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
+
 diffusers = pytest.importorskip("diffusers")
 
-REF = "/work/shared/reference/configs/sdxl_base_unet_config.json"
+REF = os.path.join(REFERENCE_CONFIGS, "sdxl_base_unet_config.json")
 
 
 def tiny_cfg(**over):

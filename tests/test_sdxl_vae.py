@@ -1,6 +1,7 @@
 """AutoencoderKL parity with diffusers 0.42.1 (encode mean / mode, decode, tiled decode, param count)."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -11,9 +12,11 @@ from flax import nnx
 from got_jax.checkpoint import CheckpointError
 from got_jax.models.sdxl import AutoencoderKL, VAEConfig, load_diffusers_checkpoint
 
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
+
 diffusers = pytest.importorskip("diffusers")
 
-REF = "/work/shared/reference/configs/sdxl_vae_config.json"
+REF = os.path.join(REFERENCE_CONFIGS, "sdxl_vae_config.json")
 
 
 @pytest.fixture(scope="module")
