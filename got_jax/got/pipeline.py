@@ -448,6 +448,7 @@ class GoTPipeline:
             images = np.asarray(out["image"])
         finally:
             if bar is not None:
+                jax.effects_barrier()  # let the last step callbacks reach the bar
                 _BARS.remove(bar)
                 bar.close()
         for j, r in enumerate(rows):
