@@ -23,6 +23,7 @@ setuptools.setup(
         "tensorboard",
         "transformers",
         "tokenizers",
+        "jinja2",  # transformers' apply_chat_template (the GoT prompts)
         "safetensors",
         "ml_dtypes",
         "pyarrow",
