@@ -27,7 +27,7 @@ from flax import nnx
 
 from got_jax import sharding
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
-from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, VisionAux, prepare_vision_inputs
+from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, RMSNorm, VisionAux, prepare_vision_inputs
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -123,20 +123,6 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nnx.Module):
-    """transformers' Qwen2RMSNorm: normalise in float32, cast back, then scale by ``weight``."""
-
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.weight = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
 
 
 class DenseGeneral(nnx.Module):
