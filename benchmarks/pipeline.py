@@ -38,17 +38,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402
 import torch  # noqa: E402
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _timed(fn):
@@ -184,8 +175,8 @@ def main():
     img_err = float(np.abs(out.intermediates[0][0]["image"] - r.image_arrays[0]).max())
 
     rep = a.repeats
-    ours_total, ref_total = _median_time(ours_full, rep), _median_time(ref_full, rep)
-    ours_r, ref_r = _median_time(ours_reason, rep), _median_time(ref_reason, rep)
+    ours_total, ref_total = median_time(ours_full, rep), median_time(ref_full, rep)
+    ours_r, ref_r = median_time(ours_reason, rep), median_time(ref_reason, rep)
 
     print(f"\nGoT T2I sample, {a.size}x{a.size}, {a.steps} DDPM steps (4-way CFG), reasoner {a.layers} layers "
           f"hidden {a.hidden} heads {a.heads}/{a.kv_heads} vocab {len(ref.processor.tokenizer)}, "

@@ -12,21 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import numpy as np
+from timing import median_time  # noqa: E402
 import torch
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main():
@@ -87,9 +77,9 @@ def main():
             return run
 
         r = args.repeats
-        jp, tp = _median_time(jax_prefill, r), _median_time(torch_prefill, r)
-        jd = _median_time(jax_gen(args.new), r) - _median_time(jax_gen(1), r)
-        td = _median_time(torch_gen(args.new), r) - _median_time(torch_gen(1), r)
+        jp, tp = median_time(jax_prefill, r), median_time(torch_prefill, r)
+        jd = median_time(jax_gen(args.new), r) - median_time(jax_gen(1), r)
+        td = median_time(torch_gen(args.new), r) - median_time(torch_gen(1), r)
         ntok = b * (args.new - 1)
         rows.append((b, b * args.prompt / jp, b * args.prompt / tp, ntok / jd, ntok / td))
 

@@ -14,24 +14,14 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main():
@@ -85,10 +75,10 @@ def main():
             return vae.decode(tz).sample
 
     rows = [
-        (f"UNet step B={B} {L}x{L}", _median_time(lambda: step(junet, x, t, ctx, text, tid).block_until_ready(), a.repeats),
-         _median_time(torch_step, a.repeats)),
-        (f"VAE decode {a.vae_latent}->{a.vae_latent * 4}px", _median_time(lambda: dec(jvae, z).block_until_ready(), a.repeats),
-         _median_time(torch_dec, a.repeats)),
+        (f"UNet step B={B} {L}x{L}", median_time(lambda: step(junet, x, t, ctx, text, tid).block_until_ready(), a.repeats),
+         median_time(torch_step, a.repeats)),
+        (f"VAE decode {a.vae_latent}->{a.vae_latent * 4}px", median_time(lambda: dec(jvae, z).block_until_ready(), a.repeats),
+         median_time(torch_dec, a.repeats)),
     ]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
