@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.temperature = 0.0  # 0 = greedy chains
     c.max_rounds = 1  # > 1: multi-turn (the reasoner may feed its image back)
     c.batch_size = 4  # prompts per call (one UNet batch of 4 x batch_size per step)
-    c.dtype = "bfloat16"  # compute dtype; parameters keep the checkpoint's dtype
+    c.dtype = "bfloat16"  # compute dtype (float32 reproduces the PyTorch numbers); parameters keep the checkpoint's dtype
     c.mesh_shape = ()  # (data, fsdp, tensor), e.g. (1, -1, 1); () = one device
     c.max_boxes = 32
     return c
