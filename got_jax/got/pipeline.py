@@ -407,7 +407,9 @@ class GoTPipeline:
         hidden = forward_hidden(model.reasoner, ids, attention_mask=mask, pixel_values=pv,
                                 image_grid_thw=grid)[:, -len(q):]
 
-        plans = [painted_boxes(parse_got(r.round_text)) for r in rows]
+        for r in rows:  # parsed once: painted here, returned (with uncoloured boxes) in GoTOutput.plans
+            r.plan = parse_got(r.round_text)
+        plans = [painted_boxes(r.plan) for r in rows]
         for i, plan in zip(index, plans):
             if len(plan) > self.max_boxes:
                 raise ValueError(f"prompt {i}: GoT plan has {len(plan)} coloured boxes, more than "
@@ -424,7 +426,6 @@ class GoTPipeline:
             box_mask[j, :len(c)] = True
             ref = r.reference if r.reference is not None else Image.new("RGB", (width, height))
             refs[j] = _to_model_image(ref, height, width)
-            r.plan = parse_got(r.round_text)
         h8, w8, lc = height // model.vae_scale, width // model.vae_scale, model.latent_channels
         if noise is not None:
             init = jnp.asarray(np.asarray(noise[0])[index], jnp.float32)
