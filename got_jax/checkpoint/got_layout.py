@@ -53,10 +53,12 @@ PART_PREFIX = {v: k for k, v in GOT_PREFIXES.items()}
 PROJECTOR_TABLE = MappingTable([Rule("weight", "kernel", LINEAR), Rule("bias", "bias")])
 
 
-def make_projector(in_features: int, out_features: int, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                   rngs: nnx.Rngs) -> nnx.Linear:
+def make_projector(in_features: int, out_features: int, *, options=None, rngs: nnx.Rngs) -> nnx.Linear:
     """The GoT projector: ``nnx.Linear`` with logical names (embed, mlp) on the kernel."""
-    return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    from got_jax.models.options import ModelOptions  # noqa: PLC0415
+
+    options = options or ModelOptions()
+    return nnx.Linear(in_features, out_features, dtype=options.dtype, param_dtype=options.param_dtype, rngs=rngs,
                       kernel_init=sharding.param_init(nnx.initializers.lecun_normal(), "embed", "mlp"),
                       bias_init=sharding.param_init(nnx.initializers.zeros_init(), "mlp"))
 
@@ -79,8 +81,10 @@ class Part:
 
 def _projector_part(name: str) -> Part:
     def build(section, param_dtype):
-        return make_projector(int(section["in_features"]), int(section["out_features"]), param_dtype=param_dtype,
-                              rngs=nnx.Rngs(0))
+        from got_jax.models.options import ModelOptions  # noqa: PLC0415
+
+        return make_projector(int(section["in_features"]), int(section["out_features"]),
+                              options=ModelOptions(param_dtype=param_dtype), rngs=nnx.Rngs(0))
 
     return Part(name, build, lambda section, source: PROJECTOR_TABLE)
 
@@ -88,10 +92,11 @@ def _projector_part(name: str) -> Part:
 def _reasoner_part() -> Part:
     def build(section, param_dtype):
         from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: PLC0415
+        from got_jax.models.options import ModelOptions  # noqa: PLC0415
         from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
 
-        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_hf_config(section), param_dtype=param_dtype,
-                                                  rngs=nnx.Rngs(0))
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_hf_config(section),
+                                                  options=ModelOptions(param_dtype=param_dtype), rngs=nnx.Rngs(0))
 
     def table(section, source):
         from got_jax.models.qwen2_5_vl import checkpoint as qck  # noqa: PLC0415
@@ -105,12 +110,13 @@ def _reasoner_part() -> Part:
 def _sdxl_part(kind: str) -> Part:
     def build(section, param_dtype):
         from got_jax.models import sdxl  # noqa: PLC0415
+        from got_jax.models.options import ModelOptions  # noqa: PLC0415
 
+        opts = ModelOptions(param_dtype=param_dtype)
         if kind == "unet":
-            return sdxl.UNet2DConditionModel(sdxl.UNetConfig.from_diffusers(dict(section)), param_dtype=param_dtype,
+            return sdxl.UNet2DConditionModel(sdxl.UNetConfig.from_diffusers(dict(section)), options=opts,
                                              rngs=nnx.Rngs(0))
-        return sdxl.AutoencoderKL(sdxl.VAEConfig.from_diffusers(dict(section)), param_dtype=param_dtype,
-                                  rngs=nnx.Rngs(0))
+        return sdxl.AutoencoderKL(sdxl.VAEConfig.from_diffusers(dict(section)), options=opts, rngs=nnx.Rngs(0))
 
     def table(section, source):
         from got_jax.models import sdxl  # noqa: PLC0415

@@ -28,7 +28,9 @@ from flax import nnx
 from got_jax import sharding
 from got_jax.checkpoint.got_layout import make_projector
 from got_jax.models import sdxl
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from got_jax.models.qwen2_5_vl.lora import materialize
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
 PARTS = ("reasoner", "projector", "pooled_projector", "unet", "vae")
@@ -75,40 +77,45 @@ class GoTConfig:
 class GoT(nnx.Module):
     """Reasoner, the two SSGM projectors, UNet and VAE (attribute names = checkpoint parts)."""
 
-    def __init__(self, config: GoTConfig | Mapping[str, Any], *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(self, config: GoTConfig | Mapping[str, Any], *, options: ModelOptions = DEFAULT_OPTIONS,
+                 rngs: nnx.Rngs):
         if not isinstance(config, GoTConfig):
             config = GoTConfig.from_dict(config)
         self.config = config
-        self.dtype = dtype
+        self.options = options
+        self.dtype = options.dtype
         hidden = config.reasoner.text.hidden_size
-        self.reasoner = Qwen2_5_VLForConditionalGeneration(config.reasoner, dtype=dtype, param_dtype=param_dtype,
-                                                           rngs=rngs)
-        self.projector = make_projector(hidden, config.context_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.pooled_projector = make_projector(hidden, config.pooled_dim, dtype=dtype, param_dtype=param_dtype,
-                                               rngs=rngs)
-        self.unet = sdxl.UNet2DConditionModel(config.unet, attention_impl=attention_impl, dtype=dtype,
-                                              param_dtype=param_dtype, rngs=rngs)
-        self.vae = sdxl.AutoencoderKL(config.vae, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.reasoner = Qwen2_5_VLForConditionalGeneration(config.reasoner, options=options, rngs=rngs)
+        self.projector = make_projector(hidden, config.context_dim, options=options, rngs=rngs)
+        self.pooled_projector = make_projector(hidden, config.pooled_dim, options=options, rngs=rngs)
+        self.unet = sdxl.UNet2DConditionModel(config.unet, options=options, rngs=rngs)
+        self.vae = sdxl.AutoencoderKL(config.vae, options=options, rngs=rngs)
 
     @classmethod
-    def from_checkpoint(cls, folder: str, *, mesh=None, rules=None, dtype=None, param_dtype=None,
-                        attention_impl: str = "xla") -> "GoT":
-        """Builds the model abstractly and restores a converted folder into it (sharded on ``mesh``)."""
+    def from_checkpoint(cls, folder: str, *, mesh=None, rules=None, options: ModelOptions | None = None,
+                        lora_seed: int = 0) -> "GoT":
+        """Builds the model abstractly and restores a converted folder into it (sharded on ``mesh``).
+
+        ``options`` default to float32 compute with the folder's stored ``param_dtype``. With LoRA in the
+        options, the adapters (absent from converted folders) start fresh from ``lora_seed``: A random, B zero,
+        so the model computes exactly the restored base model.
+        """
         from got_jax.checkpoint.orbax_io import load_got_checkpoint, read_config  # noqa: PLC0415
 
         raw = read_config(folder)
         missing = [p for p in PARTS if p not in raw.get("parts", ())]
         if missing:
             raise ValueError(f"{folder}: a GoT checkpoint needs parts {list(PARTS)}; missing {missing}")
-        params, raw = load_got_checkpoint(folder, mesh=mesh, rules=rules, dtype=param_dtype)
-        dtype = jnp.dtype(dtype) if dtype is not None else jnp.float32
-        pdt = jnp.dtype(param_dtype) if param_dtype is not None else jnp.dtype(raw.get("param_dtype") or "float32")
-        abstract = nnx.eval_shape(lambda: cls(raw, dtype=dtype, param_dtype=pdt, attention_impl=attention_impl,
-                                              rngs=nnx.Rngs(0)))
+        if options is None:
+            options = ModelOptions(param_dtype=raw.get("param_dtype") or "float32")
+        params, raw = load_got_checkpoint(folder, mesh=mesh, rules=rules, dtype=options.param_dtype)
+        abstract = nnx.eval_shape(lambda: cls(raw, options=options, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state)
+        if options.lora_rank:
+            model = materialize(model, jax.random.key(lora_seed), mesh=mesh, rules=rules)
+        return model
 
     # --- SSGM ------------------------------------------------------------------------------------
 
@@ -146,6 +153,20 @@ class GoT(nnx.Module):
         w = box_mask.astype(modes.dtype)[:, :, None, None, None]
         return jnp.sum(modes * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
+    def unet_input(self, noisy: jax.Array, reference: jax.Array, layout: jax.Array) -> jax.Array:
+        """The UNet's 12-channel input: ``[noisy, reference, layout]`` latents (each (B, h, w, 4)) concatenated
+        on the channel axis in that order, in the compute dtype. The one place that builds it: sampling
+        (:meth:`guided_noise`) and the training loss both call this. Zero ``reference`` / ``layout`` are the
+        dropped conditions of classifier-free guidance."""
+        if not noisy.shape == reference.shape == layout.shape:
+            raise ValueError(f"unet_input: noisy {noisy.shape}, reference {reference.shape} and layout "
+                             f"{layout.shape} latents must have the same shape")
+        if noisy.shape[-1] != self.latent_channels:
+            raise ValueError(f"unet_input: latents have {noisy.shape[-1]} channels, the VAE has "
+                             f"{self.latent_channels} (NHWC expected)")
+        inp = jnp.concatenate([noisy, reference, layout], axis=-1).astype(self.dtype)
+        return sharding.constrain(inp, "activation_batch", None, None, None)
+
     def guided_noise(self, latents_in: jax.Array, t, context, null_context, pooled, reference, layout, time_ids,
                      scales: jax.Array) -> jax.Array:
         """Four-way classifier-free guidance, one UNet call on a batch of 4B.
@@ -160,8 +181,7 @@ class GoT(nnx.Module):
         ref = jnp.concatenate([reference, reference, reference, zeros], axis=0)
         lay = jnp.concatenate([layout, zeros, zeros, zeros], axis=0)
         ctx = jnp.concatenate([context, context, null_context, null_context], axis=0)
-        inp = jnp.concatenate([x, ref, lay], axis=-1).astype(self.dtype)
-        inp = sharding.constrain(inp, "activation_batch", None, None, None)
+        inp = self.unet_input(x, ref, lay)
         e = self.unet(inp, t, ctx, jnp.concatenate([pooled] * 4, axis=0), jnp.concatenate([time_ids] * 4, axis=0))
         e1, e2, e3, e4 = jnp.split(e.astype(jnp.float32), 4, axis=0)
         g, c, i = (scales[:, k, None, None, None].astype(jnp.float32) for k in range(3))

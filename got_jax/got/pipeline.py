@@ -217,12 +217,12 @@ class GoTPipeline:
         self._feedback_tokens: int | None = None
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None, rules=None, dtype=None, param_dtype=None,
-                        attention_impl: str = "xla", **kwargs) -> "GoTPipeline":
-        """A pipeline on a converted GoT folder (``convert/got_checkpoint.py`` output)."""
+    def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None, rules=None, options=None,
+                        **kwargs) -> "GoTPipeline":
+        """A pipeline on a converted GoT folder (``convert/got_checkpoint.py`` output); ``options``
+        (:class:`~got_jax.models.options.ModelOptions`) default to float32 compute on the stored dtype."""
         folder = os.fspath(folder)
-        model = GoT.from_checkpoint(folder, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
-                                    attention_impl=attention_impl)
+        model = GoT.from_checkpoint(folder, mesh=mesh, rules=rules, options=options)
         tok_dir = os.path.join(folder, "tokenizer")
         tokenizer = load_tokenizer(tok_dir)
         proc = load_image_processor(tok_dir, model.config.reasoner)

@@ -20,6 +20,7 @@ from flax import nnx
 from got_jax import sharding
 from got_jax.checkpoint import IDENTITY, LINEAR, CheckpointError, Hook, MappingTable, Rule, load_into_abstract
 from got_jax.checkpoint import open_tensor_folder
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 from got_jax.models.qwen2_5_vl.vision import VISION_TABLE
@@ -76,18 +77,21 @@ def detect_layout(keys) -> str:
                           f"(4.x) keys among {len(keys)} tensors, e.g. {keys[:5]}")
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
+def load_hf_checkpoint(folder: str | os.PathLike, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None,
                        rules: sharding.Rules = sharding.DEFAULT_RULES, cfg: Qwen2_5_VLConfig | None = None,
                        progress: bool = False) -> Qwen2_5_VLForConditionalGeneration:
     """Builds the model abstractly and fills it from a Hugging Face Qwen2.5-VL folder.
 
     Reads ``config.json`` (4.x or 5.x form; or pass ``cfg``) and ``*.safetensors`` (single or sharded
-    with an index; fp32/bf16/fp16, cast to ``param_dtype``). The embedding row count is taken from the
+    with an index; fp32/bf16/fp16, cast to ``options.param_dtype``; ``options`` must have no LoRA). The embedding row count is taken from the
     checkpoint (GoT checkpoints add tokens beyond ``vocab_size``). With ``mesh`` every tensor is placed
     with the sharding its logical axis names get under ``rules``. Any missing, extra or mis-shaped
     tensor raises :class:`CheckpointError` naming the key and both shapes.
     """
     folder = os.fspath(folder)
+    if options.lora_rank:
+        raise ValueError("load_hf_checkpoint loads base weights: pass options without LoRA, then add adapters "
+                         "with got_jax.models.qwen2_5_vl.lora.add_lora")
     if not os.path.isdir(folder):
         raise CheckpointError(f"not a checkpoint folder: {folder}")
     if cfg is None:
@@ -103,11 +107,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype=jnp.float32, param_dt
             raise CheckpointError(f"tensor {embed_key!r}: checkpoint shape {shape} != model shape "
                                   f"(vocab, {cfg.text.hidden_size}) (source {source.where(embed_key)})")
         cfg = cfg.with_vocab_size(shape[0])
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(
-        cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, options=options, rngs=nnx.Rngs(0)))
     shardings = None
     if mesh is not None:
         def shardings(path, var):
             return sharding.variable_sharding(var, mesh, rules)
-    return load_into_abstract(abstract, source, mapping_table(cfg, layout), param_dtype=param_dtype,
+    return load_into_abstract(abstract, source, mapping_table(cfg, layout), param_dtype=options.param_dtype,
                               shardings=shardings, progress=progress, desc="Qwen2.5-VL")
