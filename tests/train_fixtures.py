@@ -66,10 +66,11 @@ def hf_reasoner(tok, *, tied: bool, seed: int) -> HFQwen:
     return hf
 
 
-def torch_got(tok, *, tied: bool = False, lora_rank: int = 0, lora_alpha: float = 8.0, seed: int = 0) -> TorchGoTParts:
+def torch_got(tok, *, tied: bool = False, lora_rank: int = 0, lora_alpha: float = 8.0, seed: int = 0,
+              rslora: bool = False) -> TorchGoTParts:
     """The tiny torch GoT (train mode, float32) with the recipe's trainable set."""
     hf = hf_reasoner(tok, tied=tied, seed=seed)
-    mllm = add_lora(hf, lora_rank, lora_alpha, init_b_scale=0.2, seed=seed + 1) if lora_rank else hf
+    mllm = add_lora(hf, lora_rank, lora_alpha, use_rslora=rslora, init_b_scale=0.2, seed=seed + 1) if lora_rank else hf
     torch.manual_seed(seed + 2)
     unet = tiny_unet(12, seed=seed + 3)
     cross = unet.config.cross_attention_dim
@@ -147,13 +148,17 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def generation_record(index: int, seed: int = 0) -> records.GenerationRecord:
+    ex = shapes.generation_example(seed, index, SIZE)
+    return records.GenerationRecord(ex["id"], ex["caption"], ex["got"], _png(ex["image"]))
+
+
 def pipeline_batch(tok, kind: str, batch_size: int = 2, seed: int = 0, max_text_len: int = 256) -> dict:
     """One batch of the real Grain pipeline over synthetic shapes examples."""
     recs = []
     for i in range(4 * batch_size):
         if kind == "generation":
-            ex = shapes.generation_example(seed, i, SIZE)
-            recs.append(records.GenerationRecord(ex["id"], ex["caption"], ex["got"], _png(ex["image"])))
+            recs.append(generation_record(i, seed))
         else:
             ex = shapes.editing_example(seed, i, SIZE)
             recs.append(records.EditingRecord(ex["id"], ex["instruction"], ex["got"], _png(ex["source_image"]),

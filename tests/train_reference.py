@@ -168,5 +168,5 @@ def train_step(parts: TorchGoTParts, batch: dict, draws: dict, *, lr: float, bet
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
     opt.step()
-    return {"losses": {k: float(v) for k, v in out.items()}, "grads": grads,
+    return {"losses": {k: float(v.detach()) for k, v in out.items()}, "grads": grads,
             "params": {n: p.detach().clone() for n, p in params.items()}}
