@@ -85,4 +85,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep = 3
     c.keep_every = 0
     c.async_checkpoints = True
+    c.stop_at_step = 0  # >0: save and stop there (same schedule as the full run)
+    c.debug_sigkill_after_save = 0  # tests only: SIGKILL this process right after saving that step
     return c

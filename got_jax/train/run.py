@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -274,9 +275,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
         step += 1
         one = TrainMetrics.single_from_model_output(**m)
         collected = one if collected is None else collected.merge(one)
-        if mgr.should_save(step):
+        stop_here = step == int(config.get("stop_at_step") or 0)
+        if mgr.should_save(step) or stop_here:
             jax.block_until_ready(state)
-            ckpt.save(mgr, step, state, frozen, data_state())
+            ckpt.save(mgr, step, state, frozen, data_state(), force=stop_here)
+            if step == int(config.get("debug_sigkill_after_save") or 0):  # tests: kill -9 right after a checkpoint
+                mgr.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
         if mgr.reached_preemption(step):
             mgr.wait_until_finished()
             log.warning("preemption signal: saved step %d in %s, stopping", step, mgr.directory)
@@ -292,11 +297,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
             collected, first_unlogged = None, step + 1
         if preempted:
             break
+        if stop_here:
+            log.info("config.stop_at_step=%d reached: saved and stopping", step)
+            break
         if int(config.eval_every) > 0 and step % int(config.eval_every) == 0:
             last_eval = run_eval(step)
         if int(config.sample_every) > 0 and step % int(config.sample_every) == 0:
             run_samples(step)
-    if not preempted:
+    stopped = preempted or step == int(config.get("stop_at_step") or 0)
+    if not stopped:
         if step > 0 and step not in mgr.all_steps():
             jax.block_until_ready(state)
             ckpt.save(mgr, step, state, frozen, data_state(), force=True)

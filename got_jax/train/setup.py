@@ -32,19 +32,25 @@ class ConfigError(ValueError):
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with ``config.stages[config.stage]`` filling every field left at None."""
+    """A copy of ``config`` where the preset ``config.stages[config.stage]`` (nested like the config) fills
+    every field left at None (so ``--config.total_steps=...`` still wins over the stage)."""
     c = ml_collections.ConfigDict(config.to_dict())
     stages = c.get("stages") or {}
-    if stages:
-        if c.stage not in stages:
-            raise ConfigError(f"--config.stage={c.stage!r}: known stages {sorted(stages)}")
-        for dotted, value in stages[c.stage].items():
-            node, *path, leaf = dotted.split(".")
-            target = c[node] if path or leaf else c
-            for p in path:
-                target = target[p]
-            if target[leaf] is None:
-                target[leaf] = value
+    if not stages:
+        return c
+    if c.stage not in stages:
+        raise ConfigError(f"--config.stage={c.stage!r}: known stages {sorted(stages)}")
+
+    def fill(node, preset, where):
+        for k, v in preset.items():
+            if k not in node:
+                raise ConfigError(f"stage {c.stage!r} sets unknown field config.{where}{k}")
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                fill(node[k], v, f"{where}{k}.")
+            elif node[k] is None:
+                node[k] = v
+
+    fill(c, stages[c.stage], "")
     return c
 
 
