@@ -1,0 +1,345 @@
+"""``train.py --config``: runs, resumes, survives kill -9 / SIGTERM, changes topology, runs on two processes.
+
+All runs train ``configs/tiny_test.py`` (2-layer hidden-32 reasoner with LoRA r=4, 2-block UNet, 32 px) on the
+synthetic shapes set written to a temp dir, with 2 logical data shards (global batch 8) and a shared
+persistent compilation cache, so each distinct program (8 devices 2x2x2 single-process, the same on two
+processes, 4 devices 1x4x1) compiles once for the whole module. The reference is one uninterrupted
+single-process run ``U`` of 6 steps on 8 fake devices (mesh 2x2x2), which also evaluates and samples at
+the end.
+
+Tolerances: same topology (kill -9 / stop + resume) - bit-identical losses (float32 equality). Two processes
+vs one - the same program split over processes: compared with rtol 1e-6 (the cross-process all-reduce may
+sum in another order). New topology (8 devices 2x2x2 -> 4 devices 1x4x1, and 2 processes -> 1) - the
+continued losses vs an uninterrupted run on the new topology: rtol 2e-5 (the first steps ran with other
+reduction orders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import configs.tiny_test as tiny
+from got_jax.data import shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train_run")
+    data = shapes.write_shapes(base / "shapes", size=32, num_generation=48, num_editing=0, seed=0)
+    return {"base": base, "sources": f"file:{data}/generation.jsonl@shapes", "cache": str(base / "xla_cache")}
+
+
+def _overrides(env, **kw) -> dict:
+    o = {"data.sources": env["sources"], "compilation_cache_dir": env["cache"], "mesh_shape": "(2,2,2)",
+         "data.num_shards": 2, "total_steps": STEPS, "eval_every": -1, "sample_every": -1}
+    o.update(kw)
+    return o
+
+
+def _train(workdir, overrides: dict, *, flags=(), env_vars=None, wait=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_test.py"),
+           f"--workdir={workdir}", *flags, *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    e = dict(os.environ, PYTHONPATH=ROOT, **(env_vars or {}))
+    if not wait:
+        return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=900)
+
+
+def _losses(workdir) -> dict[int, dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    out = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r
+    return out
+
+
+def _steps(workdir) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def _ok(p):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    """U: 6 steps in one go on 8 devices (2x2x2); evaluates and samples the final weights."""
+    w = env["base"] / "U"
+    _ok(_train(w, _overrides(env, eval_every=0, sample_every=0)))
+    return w
+
+
+@pytest.mark.slow
+def test_run_writes_events_checkpoint_and_resumes(env, uninterrupted):
+    w = env["base"] / "A"
+    _ok(_train(w, _overrides(env, stop_at_step=4)))
+    assert _steps(w)[-1] == 4 and sorted(_losses(w)) == [1, 2, 3, 4]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(w / "tensorboard"))
+    p = _train(w, _overrides(env))
+    _ok(p)
+    assert "resumed from" in p.stderr and "at step 4" in p.stderr
+    got, want = _losses(w), _losses(uninterrupted)
+    assert sorted(got) == list(range(1, STEPS + 1)) and _steps(w)[-1] == STEPS
+    for s in range(1, STEPS + 1):  # same topology: bit-identical, before and after the restart
+        assert got[s]["loss"] == want[s]["loss"], (s, got[s], want[s])
+
+
+@pytest.mark.slow
+def test_uninterrupted_run_evaluates_and_writes_sample_images(uninterrupted):
+    evals = [json.loads(x) for x in open(uninterrupted / "metrics.jsonl") if "eval_loss" in x]
+    assert evals and evals[-1]["step"] == STEPS and np.isfinite(evals[-1]["eval_loss"])
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(uninterrupted / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    assert "samples/0" in tags and "train/loss" in tags and "eval/loss" in tags, tags
+    img = acc.Tensors("samples/0")[-1]
+    assert img.step == STEPS
+    w, h = (int(x) for x in img.tensor_proto.string_val[:2])
+    assert w >= 2 * 32 * tiny.get_config().sample.scale and h > 32 * tiny.get_config().sample.scale  # image|overlay + text
+
+
+@pytest.mark.slow
+def test_kill9_right_after_checkpoint_then_resume_is_bit_identical(env, uninterrupted):
+    w = env["base"] / "K"
+    p = _train(w, _overrides(env, debug_sigkill_after_save=2))
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert _steps(w) == [2]
+    _ok(_train(w, _overrides(env)))
+    got, want = _losses(w), _losses(uninterrupted)
+    assert sorted(got) == [1] + list(range(3, STEPS + 1))  # step 2's log line died with the process
+    for s in range(3, STEPS + 1):
+        assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_the_step_it_stopped_at(env, uninterrupted):
+    w = env["base"] / "T"
+    proc = _train(w, _overrides(env, total_steps=1000, save_every=1000), wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(w / "metrics.jsonl") and len(_losses(w)) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    last = max(_losses(w))
+    assert 2 <= last < 1000 and _steps(w) == [last], (last, _steps(w))
+    assert "preemption signal: saved step" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, overrides):
+    port = _free_port()
+    procs = [_train(workdir, overrides, wait=False,
+                    flags=(f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
+                    env_vars={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.slow
+def test_two_processes_train_kill_resume_equal_single_process(env, uninterrupted):
+    w = env["base"] / "MP"
+    codes, outs = _two_processes(w, _overrides(env, debug_sigkill_after_save=2))
+    assert codes == [-signal.SIGKILL] * 2, [o[-2000:] for o in outs]
+    assert _steps(w) == [2]
+    codes, outs = _two_processes(w, _overrides(env))
+    assert codes == [0, 0], [o[-3000:] for o in outs]
+    got, want = _losses(w), _losses(uninterrupted)
+    assert sorted(got) == [1] + list(range(3, STEPS + 1))
+    for s in got:
+        np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=1e-6, err_msg=f"step {s}")
+
+
+def _in_process(workdir, env, **kw):
+    from ml_collections import ConfigDict
+
+    from got_jax.train import run
+
+    c = tiny.get_config()
+    c = ConfigDict(c.to_dict())
+    for k, v in _overrides(env, **kw).items():
+        node = c
+        *path, leaf = k.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = tuple(int(x) for x in v.strip("()").split(",")) if k == "mesh_shape" else v
+    return run.train_and_evaluate(c, str(workdir))
+
+
+@pytest.mark.slow
+def test_restore_onto_fewer_devices_and_another_mesh(env, uninterrupted):
+    """8 devices 2x2x2 (U, step 4) -> 4 devices 1x4x1, and 2 processes (MP, step 2 if present) -> 1 process."""
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    ref = env["base"] / "R4"
+    _in_process(ref, env, mesh_shape="(1,4,1)", num_devices=4)
+    want = _losses(ref)
+    w = env["base"] / "U_to_4"
+    shutil.copytree(uninterrupted / "checkpoints" / "4", w / "checkpoints" / "4")
+    out = _in_process(w, env, mesh_shape="(1,4,1)", num_devices=4)
+    assert out["start"] == 4 and out["step"] == STEPS
+    got = _losses(w)
+    assert sorted(got) == [5, 6]
+    for s in got:
+        np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=2e-5, err_msg=f"step {s}")
+    leaf = jax.tree.leaves(out["state"])[0]
+    assert len(leaf.sharding.device_set) == 4
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_exports_to_got_bin_and_pytorch_loads_it(env, uninterrupted, tmp_path):
+    """U's final checkpoint -> converted folder (LoRA merged) -> GoT .bin; transformers / diffusers / nn.Linear load
+    every tensor (strict), and the torch reasoner's logits equal our trained (unmerged LoRA) reasoner's."""
+    import diffusers
+    import jax.numpy as jnp
+    import torch
+    from ml_collections import ConfigDict
+    from transformers import Qwen2_5_VLConfig as HFQwenConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen
+
+    from got_jax.train.export import export_run, restore_trained_model
+
+    c = ConfigDict(tiny.get_config().to_dict())
+    c.data.sources = env["sources"]
+    paths = export_run(c, str(uninterrupted), str(tmp_path / "export"))
+    sd = torch.load(os.path.join(paths["got_bin"], "pytorch_model.bin"), weights_only=True)
+    cfg = json.load(open(os.path.join(paths["got-jax"], "config.json")))
+    assert cfg["source"]["step"] == STEPS
+    parts = {p: {k[len(p) + 1:]: v for k, v in sd.items() if k.startswith(p + ".")}
+             for p in ("mllm", "unet", "vae", "output_projector", "output_projector_add")}
+    assert sum(len(v) for v in parts.values()) == len(sd)
+    hf = HFQwen(HFQwenConfig.from_dict(cfg["reasoner"])).float().eval()
+    renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else
+               k.replace("visual.", "model.visual.", 1): v for k, v in parts["mllm"].items()}
+    missing, unexpected = hf.load_state_dict(renamed, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    unet = diffusers.UNet2DConditionModel.from_config(cfg["unet"])
+    unet.load_state_dict(parts["unet"], strict=True)
+    diffusers.AutoencoderKL.from_config(cfg["vae"]).load_state_dict(parts["vae"], strict=True)
+    for name, feats in (("output_projector", "projector"), ("output_projector_add", "pooled_projector")):
+        lin = torch.nn.Linear(cfg["projectors"][feats]["in_features"], cfg["projectors"][feats]["out_features"])
+        lin.load_state_dict({k.split(".", 1)[1]: v for k, v in parts[name].items()}, strict=True)
+    model, _, _, step = restore_trained_model(c, str(uninterrupted))
+    assert step == STEPS
+    ids = np.random.RandomState(0).randint(0, 500, (2, 9))
+    ours = np.asarray(model.reasoner(jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(np.abs(theirs).max()))
+    adapter = json.load(open(os.path.join(paths["peft_adapter"], "adapter_config.json")))
+    assert adapter["r"] == tiny.get_config().model.lora_rank
+
+
+# --------------------------------------------------------------------------------------------------
+# fast checks: full-size shapes and bad inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_got_6b_abstract_state_has_released_and_recipe_counts():
+    """got_6b built with jax.eval_shape (nnx.eval_shape): released base counts, and the trainable count of the
+    recipe computed from the reference config (LoRA r=32 on 7 projections x 36 layers, embeddings, LM head if
+    untied, the decoder's norms, both projectors, the UNet); AdamW holds two moments of exactly those."""
+    import configs.got_6b as got_6b
+    from flax import nnx
+
+    from got_jax.got.model import GoT
+    from got_jax.train import run, setup, summaries
+    from got_jax.train.step import TrainState, make_tx
+    from got_jax.train.trainable import frozen_filter, trainable_filter
+
+    c = setup.resolve(got_6b.get_config())
+    got_cfg, options = setup.got_config(c), setup.model_options(c)
+    assert (options.lora_rank, options.lora_alpha, options.lora_dropout) == (32, 32.0, 0.05)
+    ts = nnx.eval_shape(lambda: TrainState(GoT(got_cfg, options=options, rngs=nnx.Rngs(0)),
+                                           make_tx(run.optim_config(c)), trainable_filter(options)))
+    counts = summaries.parameter_counts(ts.model, trainable_filter(options), frozen_filter(options))
+    t = got_cfg["reasoner"]["text_config"] if "text_config" in got_cfg["reasoner"] else got_cfg["reasoner"]
+    h, inter, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    q, kv = h, t["num_key_value_heads"] * (h // t["num_attention_heads"])
+    r = options.lora_rank
+    lora = layers * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h))
+    vocab = t["vocab_size"]
+    tied = got_cfg["reasoner"].get("tie_word_embeddings", t.get("tie_word_embeddings"))
+    fully = vocab * h * (1 if tied else 2) + (2 * layers + 1) * h
+    projectors = 2048 * 2048 + 2048 + 2048 * 1280 + 1280
+    reasoner_base, unet, vae = 3_754_622_976, 2_567_486_724, 83_653_863
+    assert counts["reasoner"]["trainable"] == lora + fully
+    assert counts["reasoner"]["frozen"] == reasoner_base - fully
+    assert counts["unet"] == {"trainable": unet, "frozen": 0} and counts["vae"] == {"trainable": 0, "frozen": vae}
+    assert counts["total"]["trainable"] == lora + fully + projectors + unet
+    moments = [v for p, v in nnx.to_flat_state(nnx.state(ts.optimizer.opt_state)) if p[-1] in ("mu", "nu") or
+               "mu" in p or "nu" in p]
+    assert sum(int(np.prod(v.get_value().shape)) for v in moments) == 2 * counts["total"]["trainable"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+
+
+def test_missing_workdir_and_unknown_override_fail_at_flag_parsing():
+    cfg = f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}"
+    p = _cli(cfg)
+    assert p.returncode != 0 and "--workdir" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    p = _cli(cfg, "--workdir=/tmp/never", "--config.optim.learnin_rate=1")
+    assert p.returncode != 0 and "learnin_rate" in p.stderr, p.stderr[-2000:]
+    assert not os.path.exists("/tmp/never")
+
+
+@pytest.mark.parametrize("case", ["init_from_not_converted", "init_from_missing", "no_records", "no_tfds",
+                                  "bad_source"])
+def test_bad_inputs_fail_before_compiling(case, env, tmp_path, monkeypatch):
+    from got_jax.train import run, step
+    from got_jax.train.setup import ConfigError
+
+    def no_compile(*a, **k):
+        raise AssertionError("the train step was built before the config error was found")
+
+    monkeypatch.setattr(step.TrainStep, "__init__", no_compile)
+    c = tiny.get_config()
+    c.data.sources = env["sources"]
+    if case == "init_from_not_converted":
+        (tmp_path / "ckpt").mkdir()
+        (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+        c.init_from, match = str(tmp_path / "ckpt"), "not a converted got-jax folder|format"
+    elif case == "init_from_missing":
+        c.init_from, match = str(tmp_path / "nothing"), "no such folder"
+    elif case == "no_records":
+        (tmp_path / "empty.jsonl").write_text("")
+        c.data.sources, match = f"file:{tmp_path / 'empty.jsonl'}@shapes", "holds no records"
+    elif case == "no_tfds":
+        c.data.sources, c.data.data_dir, match = "tfds:got_generation/shapes", str(tmp_path), "nothing built at"
+    else:
+        c.data.sources, match = "file:/x.jsonl@nomapping", "unknown mapping 'nomapping'"
+    with pytest.raises(ConfigError, match=match):
+        run.train_and_evaluate(c, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
