@@ -24,9 +24,9 @@ import jax.numpy as jnp
 
 from convert import _common as common
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
-from got_jax.checkpoint.got_layout import (Part, convert_parts, embedding_rows, projector_config, split_got,
-                                           with_vocab_size)
+from got_jax.checkpoint.got_layout import embedding_rows, projector_config, split_got, with_vocab_size
 from got_jax.checkpoint.lora import has_lora, read_adapter_config
+from got_jax.got.checkpoint import Part, convert_parts
 
 log = logging.getLogger("convert.got_checkpoint")
 

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from convert import _common as common
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
-from got_jax.checkpoint.got_layout import Part, convert_parts, embedding_rows, with_vocab_size
+from got_jax.checkpoint.got_layout import embedding_rows, with_vocab_size
 from got_jax.checkpoint.lora import has_lora, merge_lora, read_adapter_config
+from got_jax.got.checkpoint import Part, convert_parts
 
 
 def convert_qwen(qwen_dir: str, out: str, *, param_dtype="float32", progress: bool = True, overwrite: bool = False,

@@ -23,8 +23,8 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError, export_state, load_into_abstract, open_tensor_folder
 from got_jax.models.options import ModelOptions
-from got_jax.models.qwen2_5_vl.vision import (VISION_TABLE, Qwen2_5_VisionTransformer, VisionConfig,
-                                              load_vision_weights, pad_pixel_values, position_ids,
+from got_jax.models.qwen2_5_vl.checkpoint import VISION_TABLE, load_vision_weights
+from got_jax.models.qwen2_5_vl.vision import (Qwen2_5_VisionTransformer, VisionConfig, pad_pixel_values, position_ids,
                                               prepare_vision_inputs, segment_attention, window_index)
 
 REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")

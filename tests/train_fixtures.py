@@ -45,16 +45,17 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "
 PIPE = dict(buckets=((SIZE, SIZE),), max_boxes=3, reasoner_size=56, reasoner_max_patches=16)
 
 
-def hf_reasoner(tok, *, tied: bool, seed: int) -> HFQwen:
+def hf_reasoner(tok, *, tied: bool, seed: int, text: dict | None = None, vision: dict | None = None) -> HFQwen:
+    """A random Qwen2.5-VL over ``tok``'s vocabulary; ``text`` / ``vision`` override the tiny sizes."""
     ids = got_token_ids(tok)
     torch.manual_seed(seed)
-    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, eos_token_id=ids.endoftext,
-                pad_token_id=ids.endoftext)
-    vision = dict(depth=2, hidden_size=16, intermediate_size=12, num_heads=2, out_hidden_size=HIDDEN,
-                  fullatt_block_indexes=[1], window_size=28, patch_size=14, temporal_patch_size=2,
-                  spatial_merge_size=2)
+    text = dict(dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
+                     rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, eos_token_id=ids.endoftext,
+                     pad_token_id=ids.endoftext), **(text or {}))
+    vision = dict(dict(depth=2, hidden_size=16, intermediate_size=12, num_heads=2, out_hidden_size=text["hidden_size"],
+                       fullatt_block_indexes=[1], window_size=28, patch_size=14, temporal_patch_size=2,
+                       spatial_merge_size=2), **(vision or {}))
     hf = HFQwen(HFQwenConfig(text_config=text, vision_config=vision, image_token_id=ids.image_pad,
                              video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
                              vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end,
@@ -67,17 +68,20 @@ def hf_reasoner(tok, *, tied: bool, seed: int) -> HFQwen:
 
 
 def torch_got(tok, *, tied: bool = False, lora_rank: int = 0, lora_alpha: float = 8.0, seed: int = 0,
-              rslora: bool = False) -> TorchGoTParts:
-    """The tiny torch GoT (train mode, float32) with the recipe's trainable set."""
-    hf = hf_reasoner(tok, tied=tied, seed=seed)
+              rslora: bool = False, text: dict | None = None, vision: dict | None = None, unet=None,
+              vae=None) -> TorchGoTParts:
+    """The tiny torch GoT (train mode, float32) with the recipe's trainable set (benchmarks pass bigger parts)."""
+    hf = hf_reasoner(tok, tied=tied, seed=seed, text=text, vision=vision)
+    hidden = hf.config.text_config.hidden_size
     mllm = add_lora(hf, lora_rank, lora_alpha, use_rslora=rslora, init_b_scale=0.2, seed=seed + 1) if lora_rank else hf
     torch.manual_seed(seed + 2)
-    unet = tiny_unet(12, seed=seed + 3)
+    unet = unet if unet is not None else tiny_unet(12, seed=seed + 3)
     cross = unet.config.cross_attention_dim
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     torch.manual_seed(seed + 4)
-    parts = TorchGoTParts(mllm=mllm, projector=torch.nn.Linear(HIDDEN, cross),
-                          pooled_projector=torch.nn.Linear(HIDDEN, pooled), unet=unet, vae=tiny_vae(seed=seed + 5),
+    parts = TorchGoTParts(mllm=mllm, projector=torch.nn.Linear(hidden, cross),
+                          pooled_projector=torch.nn.Linear(hidden, pooled), unet=unet,
+                          vae=vae if vae is not None else tiny_vae(seed=seed + 5),
                           scheduler=diffusers.DDPMScheduler.from_config(SCHEDULER))
     for m in (parts.mllm, parts.projector, parts.pooled_projector, parts.unet, parts.vae):
         m.train()
@@ -87,11 +91,10 @@ def torch_got(tok, *, tied: bool = False, lora_rank: int = 0, lora_alpha: float 
 
 def got_config(parts: TorchGoTParts) -> dict:
     hf = parts.mllm.get_base_model() if hasattr(parts.mllm, "get_base_model") else parts.mllm
+    proj = {n: {"in_features": m.in_features, "out_features": m.out_features}
+            for n, m in (("projector", parts.projector), ("pooled_projector", parts.pooled_projector))}
     return {"reasoner": hf.config.to_dict(), "unet": dict(parts.unet.config), "vae": dict(parts.vae.config),
-            "scheduler": dict(SCHEDULER),
-            "projectors": {"projector": {"in_features": HIDDEN, "out_features": parts.projector.out_features},
-                           "pooled_projector": {"in_features": HIDDEN,
-                                                "out_features": parts.pooled_projector.out_features}}}
+            "scheduler": dict(SCHEDULER), "projectors": proj}
 
 
 def _lora_hook(kind: str, shape) -> Hook:
@@ -153,16 +156,18 @@ def generation_record(index: int, seed: int = 0) -> records.GenerationRecord:
     return records.GenerationRecord(ex["id"], ex["caption"], ex["got"], _png(ex["image"]))
 
 
-def pipeline_batch(tok, kind: str, batch_size: int = 2, seed: int = 0, max_text_len: int = 256) -> dict:
-    """One batch of the real Grain pipeline over synthetic shapes examples."""
+def pipeline_batch(tok, kind: str, batch_size: int = 2, seed: int = 0, max_text_len: int = 256,
+                   size: int = SIZE) -> dict:
+    """One batch of the real Grain pipeline over synthetic shapes examples (``size`` px images)."""
     recs = []
     for i in range(4 * batch_size):
         if kind == "generation":
-            recs.append(generation_record(i, seed))
+            ex = shapes.generation_example(seed, i, size)
+            recs.append(records.GenerationRecord(ex["id"], ex["caption"], ex["got"], _png(ex["image"])))
         else:
-            ex = shapes.editing_example(seed, i, SIZE)
+            ex = shapes.editing_example(seed, i, size)
             recs.append(records.EditingRecord(ex["id"], ex["instruction"], ex["got"], _png(ex["source_image"]),
                                               _png(ex["target_image"])))
     cfg = P.PipelineConfig(kind=kind, batch_size=batch_size, max_text_len=max_text_len, seed=seed,
-                           cond_dropout_prob=0.0, **PIPE)
+                           cond_dropout_prob=0.0, **dict(PIPE, buckets=((size, size),)))
     return next(iter(P.make_dataset(P.records_source(recs), cfg, tok)))

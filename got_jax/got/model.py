@@ -1,8 +1,8 @@
 """The GoT model: Qwen2.5-VL reasoner + Semantic-Spatial Guidance Module + SDXL UNet / VAE.
 
 :class:`GoT` holds the five parts under the names of a converted checkpoint's parameter tree
-(``reasoner``, ``projector``, ``pooled_projector``, ``unet``, ``vae``; see
-:mod:`got_jax.checkpoint.got_layout`), built from the converted folder's ``config.json``. Its
+(``reasoner``, ``projector``, ``pooled_projector``, ``unet``, ``vae``; loaders in
+:mod:`got_jax.got.checkpoint`), built from the converted folder's ``config.json``. Its
 methods are the pure, jit-able pieces of the released ``GenCot.generate``:
 
 * :meth:`GoT.semantic_guidance` - ``projector(H)``, the null context ``projector(zeros)`` and the
@@ -26,14 +26,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from got_jax import sharding
-from got_jax.checkpoint.got_layout import make_projector
+from got_jax.checkpoint import orbax_io
 from got_jax.models import sdxl
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from got_jax.models.qwen2_5_vl.lora import materialize
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
-PARTS = ("reasoner", "projector", "pooled_projector", "unet", "vae")
+PARTS = ("reasoner", "projector", "pooled_projector", "unet", "vae")  # attribute names = checkpoint parts
+
+
+def make_projector(in_features: int, out_features: int, *, options: ModelOptions = DEFAULT_OPTIONS,
+                   rngs: nnx.Rngs) -> nnx.Linear:
+    """An SSGM projector: ``nnx.Linear`` with logical names (embed, mlp) on the kernel."""
+    return nnx.Linear(in_features, out_features, dtype=options.dtype, param_dtype=options.param_dtype, rngs=rngs,
+                      kernel_init=sharding.param_init(nnx.initializers.lecun_normal(), "embed", "mlp"),
+                      bias_init=sharding.param_init(nnx.initializers.zeros_init(), "mlp"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,16 +108,19 @@ class GoT(nnx.Module):
         options, the adapters (absent from converted folders) start fresh from ``lora_seed``: A random, B zero,
         so the model computes exactly the restored base model.
         """
-        from got_jax.checkpoint.orbax_io import load_got_checkpoint, read_config  # noqa: PLC0415
-
-        raw = read_config(folder)
+        raw = orbax_io.read_config(folder)
         missing = [p for p in PARTS if p not in raw.get("parts", ())]
         if missing:
             raise ValueError(f"{folder}: a GoT checkpoint needs parts {list(PARTS)}; missing {missing}")
         if options is None:
             options = ModelOptions(param_dtype=raw.get("param_dtype") or "float32")
-        params, raw = load_got_checkpoint(folder, mesh=mesh, rules=rules, dtype=options.param_dtype)
         abstract = nnx.eval_shape(lambda: cls(raw, options=options, rngs=nnx.Rngs(0)))
+        # the parts' abstract modules are the abstract GoT's own (adapters are not restored: not stored)
+        base = (nnx.eval_shape(lambda: cls(raw, options=options.without_lora(), rngs=nnx.Rngs(0)))
+                if options.lora_rank else abstract)
+        builders = {p: (lambda _cfg, p=p: getattr(base, p)) for p in PARTS}
+        params, _ = orbax_io.load_checkpoint(folder, parts=builders, mesh=mesh, rules=rules,
+                                             dtype=options.param_dtype, config=raw)
         graphdef, state = nnx.split(abstract)
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)

@@ -175,12 +175,6 @@ def conditioning_latents(model, batch: Mapping[str, Any]) -> tuple[jax.Array, ja
     return tuple(jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (target, reference, layout))
 
 
-def _unet_input(model, noisy, reference, layout):
-    if hasattr(model, "unet_input"):
-        return model.unet_input(noisy, reference, layout)
-    return jnp.concatenate([noisy, reference, layout], axis=-1).astype(model.dtype)
-
-
 def diffusion_loss(model, query_hidden: jax.Array, latents: tuple[jax.Array, jax.Array, jax.Array],
                    time_ids: jax.Array, draws: Draws, schedule: TrainSchedule, cfg: LossConfig) -> jax.Array:
     """Epsilon-prediction MSE (float32, mean over all elements) of the UNet under the SSGM guidance."""
@@ -192,7 +186,7 @@ def diffusion_loss(model, query_hidden: jax.Array, latents: tuple[jax.Array, jax
     reference = jnp.where(draws.drop_reference[:, None, None, None], zeros, reference)
     noise = draws.noise + jnp.float32(cfg.noise_offset) * draws.offset[:, None, None, :]
     noisy = schedule.add_noise(target, noise, draws.timesteps)
-    eps = model.unet(_unet_input(model, noisy, reference, layout), draws.timesteps, context, pooled,
+    eps = model.unet(model.unet_input(noisy, reference, layout), draws.timesteps, context, pooled,
                      time_ids.astype(model.dtype))
     return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
 

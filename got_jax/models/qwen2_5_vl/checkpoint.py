@@ -7,12 +7,13 @@ Torch key (5.x; 4.x drops ``language_model.`` and writes ``visual.`` for ``model
   their biases (N*H,) -> (N, H); ``o_proj.weight`` (D, N*H) -> ``o_proj.kernel`` (N, H, D)
 * ``...layers.{i}.mlp.{gate,up,down}_proj.weight`` -> ``.kernel`` (transposed)
 * norms ``.weight`` -> ``.weight``; ``lm_head.weight`` (V, D) -> ``lm_head.kernel`` (D, V), ignored when tied
-* ``model.visual.*`` -> ``visual.*`` through :data:`~got_jax.models.qwen2_5_vl.vision.VISION_TABLE`
+* ``model.visual.*`` -> ``visual.*`` through :data:`VISION_TABLE` (also :func:`load_vision_weights` for the tower alone)
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import jax.numpy as jnp
 from flax import nnx
@@ -23,7 +24,52 @@ from got_jax.checkpoint import open_tensor_folder
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
-from got_jax.models.qwen2_5_vl.vision import VISION_TABLE
+from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, VisionConfig
+
+# --------------------------------------------------------------------------------------------------
+# The vision tower's checkpoint mapping
+# --------------------------------------------------------------------------------------------------
+
+# torch Conv3d (O, I, t, p, p) <-> ours (I, t, p, p, O)
+CONV3D_MATMUL = Hook("conv3d_matmul", lambda x: x.transpose(1, 2, 3, 4, 0), lambda x: x.transpose(4, 0, 1, 2, 3))
+# torch fused qkv Linear (3*D, D) <-> ours (D, 3, D); bias (3*D,) <-> (3, D)
+QKV_KERNEL = Hook("qkv_kernel", lambda x: x.T.reshape(x.shape[1], 3, -1), lambda x: x.reshape(x.shape[0], -1).T)
+QKV_BIAS = Hook("qkv_bias", lambda x: x.reshape(3, -1), lambda x: x.reshape(-1))
+
+# Torch keys relative to the ``visual`` module (transformers 4.x ``visual.``, 5.x ``model.visual.``).
+VISION_TABLE = MappingTable([
+    Rule("patch_embed.proj.weight", "patch_embed.proj.kernel", CONV3D_MATMUL),
+    Rule("blocks.{i}.norm1.weight", "blocks.{i}.norm1.weight", IDENTITY),
+    Rule("blocks.{i}.norm2.weight", "blocks.{i}.norm2.weight", IDENTITY),
+    Rule("blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.kernel", QKV_KERNEL),
+    Rule("blocks.{i}.attn.qkv.bias", "blocks.{i}.attn.qkv.bias", QKV_BIAS),
+    Rule("blocks.{i}.attn.proj.weight", "blocks.{i}.attn.proj.kernel", LINEAR),
+    Rule("blocks.{i}.attn.proj.bias", "blocks.{i}.attn.proj.bias", IDENTITY),
+    *[Rule(f"blocks.{{i}}.mlp.{n}.weight", f"blocks.{{i}}.mlp.{n}.kernel", LINEAR)
+      for n in ("gate_proj", "up_proj", "down_proj")],
+    *[Rule(f"blocks.{{i}}.mlp.{n}.bias", f"blocks.{{i}}.mlp.{n}.bias", IDENTITY)
+      for n in ("gate_proj", "up_proj", "down_proj")],
+    Rule("merger.ln_q.weight", "merger.ln_q.weight", IDENTITY),
+    Rule("merger.mlp.0.weight", "merger.mlp_0.kernel", LINEAR),
+    Rule("merger.mlp.0.bias", "merger.mlp_0.bias", IDENTITY),
+    Rule("merger.mlp.2.weight", "merger.mlp_2.kernel", LINEAR),
+    Rule("merger.mlp.2.bias", "merger.mlp_2.bias", IDENTITY),
+])
+
+
+def load_vision_weights(cfg: VisionConfig, source, *, torch_prefix: str = "", options: ModelOptions = DEFAULT_OPTIONS,
+                        **load_kwargs) -> Qwen2_5_VisionTransformer:
+    """Builds the tower abstractly and fills it from ``source`` (a TensorSource).
+
+    With ``torch_prefix`` (``"visual."`` for transformers 4.x folders, ``"model.visual."`` for 5.x) keys
+    outside the prefix are skipped, so a whole Qwen2.5-VL checkpoint can be read for its tower.
+    """
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VisionTransformer(cfg, options=options, rngs=nnx.Rngs(0)))
+    table = VISION_TABLE
+    if torch_prefix:
+        table = MappingTable(VISION_TABLE.prefixed(torch_prefix, "").rules, ignore=[f"^(?!{re.escape(torch_prefix)})"])
+    return load_into_abstract(abstract, source, table, **load_kwargs)
+
 
 LAYOUTS = {"5.x": ("model.language_model.", "model.visual."), "4.x": ("model.", "visual.")}
 

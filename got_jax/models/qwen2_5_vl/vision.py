@@ -14,14 +14,13 @@ patch count to a fixed bucket so ``jit`` sees few shapes; padded patches form th
 their outputs are zeros.
 
 Torch checkpoint names (relative to the ``visual`` module) map onto this module through
-:data:`VISION_TABLE`; the transformers 4.x (``visual.*``) and 5.x (``model.visual.*``) layouts only
-differ by that prefix.
+:data:`got_jax.models.qwen2_5_vl.checkpoint.VISION_TABLE`; the transformers 4.x (``visual.*``) and 5.x
+(``model.visual.*``) layouts only differ by that prefix.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping
 
 import flax.struct
@@ -31,7 +30,6 @@ import numpy as np
 from flax import nnx
 
 from got_jax import sharding
-from got_jax.checkpoint import IDENTITY, LINEAR, Hook, MappingTable, Rule, load_into_abstract
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 
 _ACTIVATIONS = {
@@ -521,48 +519,3 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         out = self.merger(x)[aux.reverse_index]
         out = jnp.where(aux.valid[:, None], out, jnp.zeros((), out.dtype))
         return out[: rows // u]
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint mapping
-# --------------------------------------------------------------------------------------------------
-
-# torch Conv3d (O, I, t, p, p) <-> ours (I, t, p, p, O)
-CONV3D_MATMUL = Hook("conv3d_matmul", lambda x: x.transpose(1, 2, 3, 4, 0), lambda x: x.transpose(4, 0, 1, 2, 3))
-# torch fused qkv Linear (3*D, D) <-> ours (D, 3, D); bias (3*D,) <-> (3, D)
-QKV_KERNEL = Hook("qkv_kernel", lambda x: x.T.reshape(x.shape[1], 3, -1), lambda x: x.reshape(x.shape[0], -1).T)
-QKV_BIAS = Hook("qkv_bias", lambda x: x.reshape(3, -1), lambda x: x.reshape(-1))
-
-# Torch keys relative to the ``visual`` module (transformers 4.x ``visual.``, 5.x ``model.visual.``).
-VISION_TABLE = MappingTable([
-    Rule("patch_embed.proj.weight", "patch_embed.proj.kernel", CONV3D_MATMUL),
-    Rule("blocks.{i}.norm1.weight", "blocks.{i}.norm1.weight", IDENTITY),
-    Rule("blocks.{i}.norm2.weight", "blocks.{i}.norm2.weight", IDENTITY),
-    Rule("blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.kernel", QKV_KERNEL),
-    Rule("blocks.{i}.attn.qkv.bias", "blocks.{i}.attn.qkv.bias", QKV_BIAS),
-    Rule("blocks.{i}.attn.proj.weight", "blocks.{i}.attn.proj.kernel", LINEAR),
-    Rule("blocks.{i}.attn.proj.bias", "blocks.{i}.attn.proj.bias", IDENTITY),
-    *[Rule(f"blocks.{{i}}.mlp.{n}.weight", f"blocks.{{i}}.mlp.{n}.kernel", LINEAR)
-      for n in ("gate_proj", "up_proj", "down_proj")],
-    *[Rule(f"blocks.{{i}}.mlp.{n}.bias", f"blocks.{{i}}.mlp.{n}.bias", IDENTITY)
-      for n in ("gate_proj", "up_proj", "down_proj")],
-    Rule("merger.ln_q.weight", "merger.ln_q.weight", IDENTITY),
-    Rule("merger.mlp.0.weight", "merger.mlp_0.kernel", LINEAR),
-    Rule("merger.mlp.0.bias", "merger.mlp_0.bias", IDENTITY),
-    Rule("merger.mlp.2.weight", "merger.mlp_2.kernel", LINEAR),
-    Rule("merger.mlp.2.bias", "merger.mlp_2.bias", IDENTITY),
-])
-
-
-def load_vision_weights(cfg: VisionConfig, source, *, torch_prefix: str = "", options: ModelOptions = DEFAULT_OPTIONS,
-                        **load_kwargs) -> Qwen2_5_VisionTransformer:
-    """Builds the tower abstractly and fills it from ``source`` (a TensorSource).
-
-    With ``torch_prefix`` (``"visual."`` for transformers 4.x folders, ``"model.visual."`` for 5.x) keys
-    outside the prefix are skipped, so a whole Qwen2.5-VL checkpoint can be read for its tower.
-    """
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VisionTransformer(cfg, options=options, rngs=nnx.Rngs(0)))
-    table = VISION_TABLE
-    if torch_prefix:
-        table = MappingTable(VISION_TABLE.prefixed(torch_prefix, "").rules, ignore=[f"^(?!{re.escape(torch_prefix)})"])
-    return load_into_abstract(abstract, source, table, **load_kwargs)
