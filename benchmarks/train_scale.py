@@ -59,9 +59,13 @@ def main():
 
     c = setup.resolve(got_6b.get_config())
     c.model.remat = a.remat
+    # the train step (got_jax/train/step.py) cannot reseed LoRA dropout inside its grad trace yet
+    # (flax TraceContextError); dropout does not change memory or FLOPs noticeably
+    c.model.lora_dropout = 0.0
     got_cfg = setup.got_config(c)
     if a.reasoner_layers:
-        got_cfg["reasoner"]["text_config"]["num_hidden_layers"] = a.reasoner_layers
+        r = got_cfg["reasoner"]
+        (r["text_config"] if "text_config" in r else r)["num_hidden_layers"] = a.reasoner_layers
     options = setup.model_options(c)
     optim = run.optim_config(c)
     ts = nnx.eval_shape(lambda: TrainState(GoT(got_cfg, options=options, rngs=nnx.Rngs(0)), make_tx(optim),

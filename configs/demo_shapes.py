@@ -18,6 +18,7 @@ def get_config():
     c.total_steps = 2000
     c.global_batch_size = 16
     c.model.demo_hidden = 64
+    c.model.demo_vae_blocks = 0  # the demo VAE (8x down-sampling)
     c.model.lora_rank = 0  # the small reasoner is trained fully
     c.optim.learning_rate = 3e-4
     c.optim.warmup_steps = 100

@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.source = "demo"  # demo | reference (GoT-6B sizes); init_from overrides
     c.model.demo_hidden = 32
+    c.model.demo_vae_blocks = 2  # VAE downsamples 2x: 32 px images -> 16x16 latents (0 = the demo's 4 levels)
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.attention_impl = "xla"

@@ -85,6 +85,11 @@ def got_config(config, tokenizer=None) -> dict:
         text["rope_parameters"]["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
         # the data pipeline's reasoner view uses Qwen2.5-VL's 14-px patches
         cfg["reasoner"]["vision_config"].update(patch_size=14, window_size=28)
+        if config.model.get("demo_vae_blocks"):  # fewer VAE levels: a smaller program to compile (tests)
+            n = int(config.model.demo_vae_blocks)
+            cfg["vae"].update(block_out_channels=cfg["vae"]["block_out_channels"][:n],
+                              down_block_types=cfg["vae"]["down_block_types"][:n],
+                              up_block_types=cfg["vae"]["up_block_types"][:n])
         return cfg
     raise ConfigError(f"config.model.source={config.model.source!r}: use 'demo', 'reference' or set init_from")
 
