@@ -4,7 +4,8 @@
 then hold Variables of the outer trace, and anything that writes a Variable inside the gradient trace fails
 with flax's ``TraceContextError``: ``nnx.remat`` (``ModelOptions.remat="full"|"dots"``, the got_6b recipe) and
 the LoRA-dropout reseed (``lora_dropout > 0``). Passing ``rest`` through ``jax.grad`` as a (non-differentiated)
-argument fixes both; the arithmetic is unchanged. To be folded into ``TrainStep`` by its owners.
+argument *and copying its Variables inside the gradient trace* (``jax.grad`` closes over non-differentiated
+arguments, so passing alone is not enough) fixes both; the arithmetic is unchanged. To be folded into ``TrainStep`` by its owners.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class TraceSafeTrainStep(S.TrainStep):
         loss_fn = getattr(self, "loss_fn", losses.got_loss)
 
         def micro_loss(p, r, mb, d, i):
+            # jax.grad does not trace non-differentiated arguments: copy ``r``'s Variables into this trace
+            r = jax.tree.map(lambda x: x, r)
             m = nnx.merge(gdef, p, r)
             S._reseed_dropout(m, jax.random.fold_in(k_drop, i))
             return loss_fn(m, mb["inputs"], mb["images"], d, self.schedule, self.loss_cfg)
