@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -37,7 +38,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train_run")
+    # GOT_TRAIN_TEST_DIR (development): keep data, compilation cache and the reference run U between sessions
+    base = os.environ.get("GOT_TRAIN_TEST_DIR")
+    base = pathlib.Path(base) if base else tmp_path_factory.mktemp("train_run")
     data = shapes.write_shapes(base / "shapes", size=32, num_generation=48, num_editing=0, seed=0)
     return {"base": base, "sources": f"file:{data}/generation.jsonl@shapes", "cache": str(base / "xla_cache")}
 
@@ -82,7 +85,10 @@ def _ok(p):
 def uninterrupted(env):
     """U: 6 steps in one go on 8 devices (2x2x2)."""
     w = env["base"] / "U"
-    _ok(_train(w, _overrides(env)))
+    if not (os.environ.get("GOT_TRAIN_TEST_DIR") and os.path.exists(w / "metrics.jsonl")
+            and len(_losses(w)) == STEPS):
+        shutil.rmtree(w, ignore_errors=True)
+        _ok(_train(w, _overrides(env)))
     return w
 
 
