@@ -77,6 +77,11 @@ def _steps(workdir) -> list[int]:
     return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
+def _fresh(env, name):
+    shutil.rmtree(env["base"] / name, ignore_errors=True)
+    return env["base"] / name
+
+
 def _ok(p):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
 
@@ -94,7 +99,7 @@ def uninterrupted(env):
 
 @pytest.mark.slow
 def test_run_writes_events_checkpoint_and_resumes(env, uninterrupted):
-    w = env["base"] / "A"
+    w = _fresh(env, "A")
     _ok(_train(w, _overrides(env, stop_at_step=4)))
     assert _steps(w)[-1] == 4 and sorted(_losses(w)) == [1, 2, 3, 4]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(w / "tensorboard"))
@@ -125,7 +130,7 @@ def _check_eval_and_samples(workdir):
 
 @pytest.mark.slow
 def test_kill9_right_after_checkpoint_then_resume_is_bit_identical(env, uninterrupted):
-    w = env["base"] / "K"
+    w = _fresh(env, "K")
     p = _train(w, _overrides(env, debug_sigkill_after_save=2))
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert _steps(w)[-1] == 2  # (Orbax's default policy also saves the first step)
@@ -138,7 +143,7 @@ def test_kill9_right_after_checkpoint_then_resume_is_bit_identical(env, uninterr
 
 @pytest.mark.slow
 def test_sigterm_mid_run_saves_the_step_it_stopped_at(env, uninterrupted):
-    w = env["base"] / "T"
+    w = _fresh(env, "T")
     proc = _train(w, _overrides(env, total_steps=1000, save_every=1000), wait=False)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -171,7 +176,7 @@ def _two_processes(workdir, overrides):
 
 @pytest.mark.slow
 def test_two_processes_train_kill_resume_equal_single_process(env, uninterrupted):
-    w = env["base"] / "MP"
+    w = _fresh(env, "MP")
     codes, outs = _two_processes(w, _overrides(env, debug_sigkill_after_save=2))
     assert codes == [-signal.SIGKILL] * 2, [o[-2000:] for o in outs]
     assert _steps(w)[-1] == 2  # (Orbax's default policy also saves the first step)
@@ -182,7 +187,7 @@ def test_two_processes_train_kill_resume_equal_single_process(env, uninterrupted
     for s in got:
         np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=1e-6, err_msg=f"step {s}")
     # 2 processes -> 1: the data state (2 logical shards) and the weights continue in a single process
-    one = env["base"] / "MP_to_1"
+    one = _fresh(env, "MP_to_1")
     shutil.copytree(w / "checkpoints" / "4", one / "checkpoints" / "4")
     _ok(_train(one, _overrides(env)))
     got = _losses(one)
@@ -214,12 +219,12 @@ def test_restore_onto_fewer_devices_and_another_mesh(env, uninterrupted):
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
-    ref = env["base"] / "R4"
+    ref = _fresh(env, "R4")
     out = _in_process(ref, env, mesh_shape="(1,4,1)", num_devices=4, eval_every=0, sample_every=0)
     assert out["eval"] and np.isfinite(out["eval"]["loss"])
     _check_eval_and_samples(ref)
     want = _losses(ref)
-    w = env["base"] / "U_to_4"
+    w = _fresh(env, "U_to_4")
     shutil.copytree(uninterrupted / "checkpoints" / "4", w / "checkpoints" / "4")
     out = _in_process(w, env, mesh_shape="(1,4,1)", num_devices=4)
     assert out["start"] == 4 and out["step"] == STEPS
