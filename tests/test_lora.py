@@ -202,3 +202,29 @@ def test_merged_got_exports_in_got6b_bin_layout(tmp_path):
     # untouched weights pass through
     np.testing.assert_array_equal(sd["mllm.model.layers.0.self_attn.k_proj.weight"].numpy(),
                                   base_sd["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_from_checkpoint_with_lora_options_starts_at_the_base_model(tmp_path):
+    """GoT.from_checkpoint(options with LoRA) on a converted folder (which holds no adapters): adapters are
+    created fresh (A uniform, B zero, RNG state set), so logits equal the base model's; sharded on a
+    (data 2, fsdp 2, tensor 2) mesh every adapter is placed by its logical names."""
+    from got_jax import sharding
+    from got_jax.checkpoint.orbax_io import pure_tree, write_checkpoint_folder
+    from got_jax.got.demo import demo_config, random_model
+    from got_jax.got.model import GoT
+
+    config = demo_config()
+    base = random_model(config, 1)
+    write_checkpoint_folder(str(tmp_path / "ckpt"), dict(config, param_dtype="float32"), pure_tree(base))
+    opts = ModelOptions(lora_rank=2, lora_dropout=0.1, lora_targets=("q", "o", "up"))
+    mesh = sharding.make_mesh((2, 2, 2))
+    got = GoT.from_checkpoint(str(tmp_path / "ckpt"), options=opts, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    assert not [x for x in jax.tree.leaves(nnx.state(got)) if isinstance(x, jax.ShapeDtypeStruct)]
+    mods = lora.lora_modules(got.reasoner)
+    assert len(mods) == 3 * 2
+    for m in mods.values():
+        assert float(jnp.abs(m.lora_b[...]).max()) == 0.0 and float(jnp.abs(m.lora_a[...]).max()) > 0.0
+        for var in (m.lora_a, m.lora_b):
+            assert var[...].sharding == sharding.variable_sharding(var, mesh, sharding.DEFAULT_RULES)
+    ids = np.random.default_rng(1).integers(0, 300, (1, 7))
+    check_close(_logits(got.reasoner, ids), _logits(base.reasoner, ids))  # sharded matmuls: reduction order
