@@ -213,8 +213,8 @@ class TrainStep:
             draws = draws_for(k_draw, prepared, model, self.schedule, self.loss_cfg)
         gdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
-        def micro_loss(p, mb, d, i):
-            m = nnx.merge(gdef, p, rest)
+        def micro_loss(p, r, mb, d, i):  # ``r`` passed in (not closed over): its RNG streams are mutated here
+            m = nnx.merge(gdef, p, r)
             _reseed_dropout(m, jax.random.fold_in(k_drop, i))
             return self.loss_fn(m, mb["inputs"], mb["images"], d, self.schedule, self.loss_cfg)
 
@@ -223,7 +223,7 @@ class TrainStep:
 
         def body(acc, xs):
             mb, d, i = xs
-            g, metrics = grad_fn(params, mb, d, i)
+            g, metrics = grad_fn(params, rest, mb, d, i)
             return jax.tree.map(jnp.add, acc, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
