@@ -205,6 +205,7 @@ def main():
         if out.returncode or not line:
             sys.exit(f"{side} side failed:\n{out.stderr[-3000:]}")
         res[side] = json.loads(line[-1][len("RESULT "):])
+        print(f"{side}: {res[side]}", flush=True)
     j, t = res["jax"], res["torch"]
     print(f"GoT train step, T2I batch {a.batch}, {a.size}px images, text length {a.text_len}, float32, CPU")
     print(f"| {'part':28s} | {'ours (s)':>9s} | {'PyTorch (s)':>11s} | {'PyTorch / ours':>14s} |")

@@ -158,3 +158,63 @@ def test_weight_decay_mask_and_schedule():
     for s in (0, 1, 9, 10, 11, 30, 49, 50, 70):
         want = learning_rate(s, peak=3e-4, warmup=10, total=50, end=1e-5)
         assert abs(float(sched(s)) - want) <= 1e-6 * 3e-4, s
+
+
+def test_dropout_streams_reseeded_per_step():
+    """The step reseeds every RNG stream (LoRA dropout) from its key: same key same mask, new key new mask."""
+    from flax import nnx
+
+    from got_jax.models.options import ModelOptions
+    from got_jax.models.qwen2_5_vl.model import DenseGeneral
+    from got_jax.train.step import _reseed_dropout
+
+    m = DenseGeneral("BTD,DF->BTF", (4, 6), ("embed", "mlp"), options=ModelOptions(lora_rank=2, lora_dropout=0.5),
+                     rngs=nnx.Rngs(0), lora=True)
+    m.lora_b[...] = jnp.ones_like(m.lora_b[...])
+    x = jnp.ones((1, 8, 4))
+    outs = []
+    for k in (1, 1, 2):
+        _reseed_dropout(m, jax.random.key(k))
+        outs.append(np.asarray(m(x)))
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+
+
+def test_gradient_accumulation_averages_microbatches():
+    """grad_accum=2 over two equal microbatches = one step on the whole batch for a mean-reduced loss
+    (same loss, gradients and updated parameters), through the real TrainStep / AdamW chain."""
+    from flax import nnx
+
+    from got_jax.train import step as S
+
+    class Toy(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+            self.frozen = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+
+    def loss_fn(m, inputs, images, draws, schedule, cfg):
+        err = m.frozen(m.lin(inputs["x"])) - images["y"] * draws
+        loss = jnp.mean(jnp.square(err))
+        return loss, {"loss": loss}
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    y = rng.standard_normal((4, 2)).astype(np.float32)
+    d = rng.standard_normal((4, 1)).astype(np.float32)
+    cfg = S.OptimConfig(learning_rate=0.1, warmup_steps=0, total_steps=10, clip_norm=0.5)
+    results = []
+    for accum in (1, 2):
+        ts = S.TrainState(Toy(), S.make_tx(cfg), nnx.PathContains("lin"))
+        step, state = S.TrainStep.create(ts, schedule=None, loss_cfg=None, optim_cfg=cfg, return_grads=True,
+                                         loss_fn=loss_fn)
+        split = lambda a: a.reshape((accum, -1) + a.shape[1:])  # noqa: E731
+        state, m = step(state, {"inputs": {"x": split(x)}, "images": {"y": split(y)}}, jax.random.key(0), split(d))
+        results.append((m, nnx.to_pure_dict(state)))
+    (m1, s1), (m2, s2) = results
+    assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-6
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(m1["grads"])), jax.tree.leaves(nnx.to_pure_dict(m2["grads"]))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert float(m1["grad_norm"]) > 0.5  # clipping was active
+    frozen = s1["model"]["frozen"]["kernel"]
+    np.testing.assert_array_equal(frozen, nnx.to_pure_dict(nnx.state(Toy()))["frozen"]["kernel"])

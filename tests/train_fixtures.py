@@ -25,10 +25,10 @@ from transformers import Qwen2_5_VLConfig as HFQwenConfig
 from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen
 
 from got_jax.checkpoint import Hook
+from got_jax.checkpoint.got_layout import PROJECTOR_TABLE
 from got_jax.checkpoint.mapping import path_str
 from got_jax.data import pipeline as P
 from got_jax.data import records, shapes
-from got_jax.checkpoint.got_layout import PROJECTOR_TABLE
 from got_jax.got.model import GoT
 from got_jax.got.tokenizer import got_token_ids
 from got_jax.models import sdxl

@@ -53,13 +53,13 @@ from got_jax.diffusion.schedulers import make_scheduler
 from got_jax.got.layout import draw_overlay, painted_boxes, render_layout_canvases, to_model_range
 from got_jax.got.model import GoT
 from got_jax.got.text import Box, parse_got
-from got_jax.got.tokenizer import chat_prompt, got_token_ids, load_tokenizer
+from got_jax.got.tokenizer import REASONER_IMAGE_SIZE, got_token_ids, load_tokenizer, prompt_ids, reasoner_image
 from got_jax.models.qwen2_5_vl import processing
 from got_jax.models.qwen2_5_vl.generate import Sampler, forward_hidden
 
 log = logging.getLogger(__name__)
 
-SOURCE_SIZE = 448  # the reasoner sees source / fed-back images at 448x448 (bicubic), as released
+SOURCE_SIZE = REASONER_IMAGE_SIZE  # the reasoner sees source / fed-back images at 448x448 (bicubic)
 LENGTH_BUCKET = 32  # prompt lengths are left-padded to a multiple of this (fewer recompiles)
 STRIP_TOKENS = ("<|endoftext|>", "<|im_gen_end|>", "<|vision_start|>", "<|vision_end|>")
 
@@ -236,19 +236,17 @@ class GoTPipeline:
         return sharding.use_mesh(self.mesh, self.rules if self.rules is not None else sharding.DEFAULT_RULES)
 
     def _vision(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        return processing.preprocess_images([img.resize((SOURCE_SIZE, SOURCE_SIZE), Image.BICUBIC)],
-                                            self.image_processor)
+        pv, grid, _ = reasoner_image(img, self.image_processor, SOURCE_SIZE)
+        return pv, grid
 
     def _image_tokens(self, grid: np.ndarray) -> int:
         return int(np.prod(grid, axis=-1).sum()) // self.image_processor.merge_size ** 2
 
     def _prompt_ids(self, text: str, source: Image.Image | None) -> tuple[list[int], list]:
-        prompt = chat_prompt(self.tokenizer, text, with_image=source is not None)
         if source is None:
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]), []
-        pv, grid = self._vision(source)
-        prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * self._image_tokens(grid), 1)
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]), [(pv, grid)]
+            return prompt_ids(self.tokenizer, text), []
+        pv, grid, n = reasoner_image(source, self.image_processor, SOURCE_SIZE)
+        return prompt_ids(self.tokenizer, text, n), [(pv, grid)]
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -152,12 +152,15 @@ class TrainStep:
     :class:`TrainState` (donated), ``prepared`` from :func:`prepare_batch`, ``key`` this step's key
     (``fold_in(run_key, step)``). ``metrics``: loss, lm_loss, diffusion_loss (means over microbatches),
     grad_norm (before clipping) and learning_rate (of this update); with ``return_grads`` also
-    ``grads`` (the averaged, unclipped gradients of the trainable parameters; for tests).
+    ``grads`` (the averaged, unclipped gradients of the trainable parameters; for tests). ``loss_fn``
+    (default :func:`got_jax.train.losses.got_loss`) has that function's signature.
     """
 
     def __init__(self, graphdef, state, *, schedule: TrainSchedule, loss_cfg: losses.LossConfig,
-                 optim_cfg: OptimConfig, mesh=None, rules=None, donate: bool = True, return_grads: bool = False):
+                 optim_cfg: OptimConfig, mesh=None, rules=None, donate: bool = True, return_grads: bool = False,
+                 loss_fn=losses.got_loss):
         self.graphdef = graphdef
+        self.loss_fn = loss_fn
         self.return_grads = return_grads
         self.schedule = schedule
         self.loss_cfg = loss_cfg
@@ -210,17 +213,17 @@ class TrainStep:
             draws = draws_for(k_draw, prepared, model, self.schedule, self.loss_cfg)
         gdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
-        def micro_loss(p, mb, d, i):
-            m = nnx.merge(gdef, p, rest)
+        def micro_loss(p, r, mb, d, i):
+            m = nnx.merge(gdef, p, r, copy=True)  # fresh variables: the RNG streams (LoRA dropout) change here
             _reseed_dropout(m, jax.random.fold_in(k_drop, i))
-            return losses.got_loss(m, mb["inputs"], mb["images"], d, self.schedule, self.loss_cfg)
+            return self.loss_fn(m, mb["inputs"], mb["images"], d, self.schedule, self.loss_cfg)
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
         accum = jax.tree.leaves(prepared)[0].shape[0]
 
         def body(acc, xs):
             mb, d, i = xs
-            g, metrics = grad_fn(params, mb, d, i)
+            g, metrics = grad_fn(params, rest, mb, d, i)
             return jax.tree.map(jnp.add, acc, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)

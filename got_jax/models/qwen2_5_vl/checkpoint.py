@@ -129,8 +129,9 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, options: ModelOptions = DEF
     """Builds the model abstractly and fills it from a Hugging Face Qwen2.5-VL folder.
 
     Reads ``config.json`` (4.x or 5.x form; or pass ``cfg``) and ``*.safetensors`` (single or sharded
-    with an index; fp32/bf16/fp16, cast to ``options.param_dtype``; ``options`` must have no LoRA). The embedding row count is taken from the
-    checkpoint (GoT checkpoints add tokens beyond ``vocab_size``). With ``mesh`` every tensor is placed
+    with an index; fp32/bf16/fp16, cast to ``options.param_dtype``; ``options`` must have no LoRA: add
+    adapters with :func:`got_jax.models.qwen2_5_vl.lora.add_lora`). The embedding row count is taken from
+    the checkpoint (GoT checkpoints add tokens beyond ``vocab_size``). With ``mesh`` every tensor is placed
     with the sharding its logical axis names get under ``rules``. Any missing, extra or mis-shaped
     tensor raises :class:`CheckpointError` naming the key and both shapes.
     """
