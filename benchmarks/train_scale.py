@@ -54,8 +54,7 @@ def main():
     from got_jax.diffusion.schedulers import TrainSchedule
     from got_jax.got.model import GoT, GoTConfig
     from got_jax.train import run, setup
-    from got_jax.train.step import TrainState, make_tx, prepare_batch
-    from got_jax.train.trace_safe_step import TraceSafeTrainStep as TrainStep  # remat inside grad (see module)
+    from got_jax.train.step import TrainState, TrainStep, make_tx, prepare_batch
     from got_jax.train.trainable import trainable_filter
 
     c = setup.resolve(got_6b.get_config())

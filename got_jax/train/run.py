@@ -44,7 +44,6 @@ from got_jax.train import losses
 from got_jax.train import setup
 from got_jax.train import summaries
 from got_jax.train.step import OptimConfig, TrainState, TrainStep, draws_for, make_tx, prepare_batch
-from got_jax.train.trace_safe_step import TraceSafeTrainStep
 from got_jax.train.trainable import frozen_filter, trainable_filter
 
 log = logging.getLogger(__name__)
@@ -201,9 +200,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
     trainable, frozen = trainable_filter(options), frozen_filter(options)
     counts = summaries.log_parameter_overview(model, trainable, frozen, writer)
     optim_cfg = optim_config(config)
-    # TrainStep raises under nnx.remat / LoRA dropout inside its grad trace (see trace_safe_step.py)
-    step_cls = TraceSafeTrainStep if (options.remat != "none" or options.lora_dropout > 0) else TrainStep
-    step_fn, state = step_cls.create(
+    step_fn, state = TrainStep.create(
         TrainState(model, make_tx(optim_cfg), trainable), schedule=TrainSchedule.from_config(got_cfg["scheduler"]),
         loss_cfg=loss_config(config), optim_cfg=optim_cfg, mesh=mesh, rules=rules)
     del model
