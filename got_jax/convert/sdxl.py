@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 
-from convert import _common as common
+from got_jax.convert import _common as common
 from got_jax.checkpoint import CheckpointError
 from got_jax.checkpoint.got_layout import Part, convert_parts
 

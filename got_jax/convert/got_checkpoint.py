@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 
-from convert import _common as common
+from got_jax.convert import _common as common
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
 from got_jax.checkpoint.got_layout import (Part, convert_parts, embedding_rows, projector_config, split_got,
                                            with_vocab_size)

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from convert import _common as common
+from got_jax.convert import _common as common
 from got_jax.checkpoint import CheckpointError, export_state, write_safetensors
 from got_jax.checkpoint.got_layout import (PART_PREFIX, PROJECTOR_TABLE, Part, default_parts, section_of)
 from got_jax.checkpoint.mapping import MappingTable
