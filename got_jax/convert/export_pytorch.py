@@ -1,7 +1,7 @@
 """Exports a converted got-jax folder back to PyTorch: Hugging Face / diffusers folders or GoT's ``.bin`` layout.
 
-    python -m convert.export_pytorch --ckpt /ckpt/got-jax --out /ckpt/got-export --format hf
-    python -m convert.export_pytorch --ckpt /ckpt/got-jax --out /ckpt/got-bin --format got_bin
+    python -m got_jax.convert.export_pytorch --ckpt /ckpt/got-jax --out /ckpt/got-export --format hf
+    python -m got_jax.convert.export_pytorch --ckpt /ckpt/got-jax --out /ckpt/got-bin --format got_bin
 
 ``--format hf`` writes, for the parts present: ``reasoner/`` (config.json + model.safetensors + tokenizer
 files; ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` loads it), ``unet/`` and ``vae/``
@@ -140,6 +140,7 @@ def export(ckpt: str, out: str, *, fmt: str = "hf", dtype: str | None = None, la
     """Exports the converted folder ``ckpt`` to ``out`` (``fmt`` "hf" or "got_bin"); see the module doc."""
     if fmt not in ("hf", "got_bin"):
         raise CheckpointError(f"--format must be 'hf' or 'got_bin', got {fmt!r}")
+    out = common.check_out(out, overwrite)
     config = read_config(ckpt)
     np_dtype = _NP[dtype] if dtype else None
     builders = None
@@ -201,7 +202,8 @@ def build_parser():
     p.add_argument("--qwen_layout", default="5.x", choices=("4.x", "5.x"),
                    help="Qwen key layout for --format hf (got_bin always uses 4.x names)")
     p.add_argument("--max_shard_mb", type=float, default=None, help="shard the got_bin export at this size")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (checked before exporting)")
     p.add_argument("--no_progress", action="store_true", help="no per-tensor progress bar")
     return p
 

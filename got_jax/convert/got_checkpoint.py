@@ -1,14 +1,17 @@
 """Converts the released GoT-6B PyTorch checkpoint into one got-jax folder (Orbax params + configs + tokenizer).
 
-    python -m convert.got_checkpoint --got_dir /ckpt/GoT-6B --qwen_dir /ckpt/Qwen2.5-VL-3B-Instruct \\
+    python -m got_jax.convert.got_checkpoint --got_dir /ckpt/GoT-6B --qwen_dir /ckpt/Qwen2.5-VL-3B-Instruct \\
         --sdxl_dir /ckpt/stable-diffusion-xl-base-1.0 --out /ckpt/got-jax
 
 Reads ``pytorch_model.bin`` or ``pytorch_model-0000N-of-0000M.bin`` + index from ``--got_dir`` (memory-mapped,
 ``weights_only``), splits it into reasoner / projectors / UNet / VAE (see
 :mod:`got_jax.checkpoint.got_layout`), merges PEFT LoRA adapters, and takes from ``--qwen_dir`` the Qwen
-config and the tokenizer/processor files and from ``--sdxl_dir`` the UNet/VAE configs, the scheduler config
+config and the processor files and from ``--sdxl_dir`` the UNet/VAE configs, the scheduler config
 and the VAE weights whenever the GoT folder lacks them. The embedding row count found in the checkpoint
-(Qwen's vocabulary plus GoT's added tokens) becomes ``vocab_size``. Parts are loaded one tensor at a time
+(Qwen's vocabulary plus GoT's added tokens) becomes ``vocab_size``. The tokenizer is GoT's own when
+``--got_dir`` ships one, else Qwen2.5-VL's with GoT's 66 tokens added in the released order; every id
+must land on an embedding row (:mod:`got_jax.convert.got_tokenizer`). ``--out`` is checked first: an
+existing, non-empty folder is an error before any work unless ``--overwrite``. Parts are loaded one tensor at a time
 into abstract models; the output (layout in :mod:`got_jax.checkpoint.orbax_io`) is written only when every
 part loaded, so a bad input writes nothing to ``--out``.
 """
@@ -18,17 +21,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 
 from got_jax.convert import _common as common
+from got_jax.convert.got_tokenizer import stage_got_tokenizer
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
 from got_jax.checkpoint.got_layout import (Part, convert_parts, embedding_rows, projector_config, split_got,
                                            with_vocab_size)
 from got_jax.checkpoint.lora import has_lora, read_adapter_config
 
-log = logging.getLogger("convert.got_checkpoint")
+log = logging.getLogger(__name__)
 
 # The paper's LoRA recipe (r=32, alpha=32): used when LoRA tensors come without an adapter config.
 PAPER_LORA_ALPHA = 32.0
@@ -72,6 +77,7 @@ def convert_got(got_dir: str, qwen_dir: str | None, sdxl_dir: str | None, out: s
                 adapter_config: str | None = None, lora_alpha: float | None = None, progress: bool = True,
                 overwrite: bool = False, parts: Mapping[str, Part] | None = None) -> dict:
     """Converts a GoT-6B folder; returns the written config. See the module docstring."""
+    out = common.check_out(out, overwrite)
     got_dir = common.require_dir(got_dir, "--got_dir")
     for flag, d in (("--qwen_dir", qwen_dir), ("--sdxl_dir", sdxl_dir)):
         if d:
@@ -89,7 +95,8 @@ def convert_got(got_dir: str, qwen_dir: str | None, sdxl_dir: str | None, out: s
         lora_alpha = PAPER_LORA_ALPHA
     sources = split_got(source, adapter_config=adapter, lora_alpha=lora_alpha)
 
-    reasoner = with_vocab_size(_reasoner_config(got_dir, qwen_dir), embedding_rows(sources["reasoner"]))
+    rows = embedding_rows(sources["reasoner"])
+    reasoner = with_vocab_size(_reasoner_config(got_dir, qwen_dir), rows)
     unet = dict(_component_config(got_dir, sdxl_dir, "unet"))
     if "conv_in.weight" in sources["unet"]:
         unet["in_channels"] = int(sources["unet"].shape("conv_in.weight")[1])
@@ -114,11 +121,11 @@ def convert_got(got_dir: str, qwen_dir: str | None, sdxl_dir: str | None, out: s
     _check_projectors(projectors, reasoner, unet, source.description)
     config = {"reasoner": reasoner, "unet": unet, "vae": vae, "scheduler": scheduler, "projectors": projectors,
               "source": origin}
-    tok = common.tokenizer_files(got_dir, os.path.join(got_dir, "tokenizer"), qwen_dir)
-    if "tokenizer_config.json" not in tok:
-        log.warning("no tokenizer files found in %s or %s; tokenizer/ will be incomplete", got_dir, qwen_dir)
-    return convert_parts(out, config, sources, parts=parts, tokenizer_files=tok, param_dtype=jnp.dtype(param_dtype),
-                         progress=progress, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix=".got-tokenizer-") as staged:
+        tok = stage_got_tokenizer((os.path.join(got_dir, "tokenizer"), got_dir, qwen_dir), rows, staged,
+                                  rows_from=f"mllm.model.embed_tokens.weight in {source.description}")
+        return convert_parts(out, config, sources, parts=parts, tokenizer_files=tok,
+                             param_dtype=jnp.dtype(param_dtype), progress=progress, overwrite=overwrite)
 
 
 def build_parser():

@@ -1,6 +1,6 @@
 """Converts a Hugging Face Qwen2.5-VL folder (transformers 4.x or 5.x key layout) into a got-jax folder.
 
-    python -m convert.qwen2_5_vl --qwen_dir /ckpt/Qwen2.5-VL-3B-Instruct --out /ckpt/qwen-jax
+    python -m got_jax.convert.qwen2_5_vl --qwen_dir /ckpt/Qwen2.5-VL-3B-Instruct --out /ckpt/qwen-jax
 
 The output has the layout of :mod:`got_jax.checkpoint.orbax_io` with the single part ``reasoner``
 (``config.json`` with the HF config, ``tokenizer/`` with tokenizer and processor files, ``params/``).
@@ -23,6 +23,7 @@ def convert_qwen(qwen_dir: str, out: str, *, param_dtype="float32", progress: bo
                  adapter_config: str | None = None, lora_alpha: float | None = None,
                  parts: Mapping[str, Part] | None = None) -> dict:
     """Converts ``qwen_dir`` to ``out``; returns the written config."""
+    out = common.check_out(out, overwrite)
     qwen_dir = common.require_dir(qwen_dir, "--qwen_dir")
     cfg = common.read_json(f"{qwen_dir}/config.json", "Qwen2.5-VL config")
     if not str(cfg.get("model_type", "")).startswith("qwen2_5_vl"):

@@ -1,6 +1,6 @@
 """Converts a diffusers SDXL folder (UNet + VAE + scheduler config) into a got-jax folder.
 
-    python -m convert.sdxl --sdxl_dir /ckpt/stable-diffusion-xl-base-1.0 --out /ckpt/sdxl-jax
+    python -m got_jax.convert.sdxl --sdxl_dir /ckpt/stable-diffusion-xl-base-1.0 --out /ckpt/sdxl-jax
 
 Reads ``unet/`` and ``vae/`` (``diffusion_pytorch_model.safetensors``, or the ``.fp16`` variant, single or
 sharded) and ``scheduler/scheduler_config.json``. The output has the layout of
@@ -22,6 +22,7 @@ from got_jax.checkpoint.got_layout import Part, convert_parts
 def convert_sdxl(sdxl_dir: str, out: str, *, kinds: Sequence[str] = ("unet", "vae"), param_dtype="float32",
                  progress: bool = True, overwrite: bool = False, parts: Mapping[str, Part] | None = None) -> dict:
     """Converts the ``kinds`` components of ``sdxl_dir`` to ``out``; returns the written config."""
+    out = common.check_out(out, overwrite)
     sdxl_dir = common.require_dir(sdxl_dir, "--sdxl_dir")
     bad = [k for k in kinds if k not in ("unet", "vae")]
     if bad or not kinds:
