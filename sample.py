@@ -101,11 +101,17 @@ def _open_images(paths: list[str]):
     return out
 
 
-def _check_config(cfg) -> None:
+def _check_config(cfg, paint: bool) -> None:
     """Cheap checks of the sampling config, before the model loads or any chain is generated."""
     from got_jax.diffusion.schedulers import make_scheduler  # noqa: PLC0415
     from got_jax.got.demo import SDXL_SCHEDULER  # noqa: PLC0415
 
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise app.UsageError(f"--config.dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
+    if not paint:  # --only_return_got: no diffusion settings are used
+        return
+    if int(cfg.num_inference_steps) < 1:
+        raise app.UsageError(f"--config.num_inference_steps={cfg.num_inference_steps}: must be >= 1")
     try:
         make_scheduler(cfg.scheduler, dict(SDXL_SCHEDULER), int(cfg.num_inference_steps))
     except ValueError as e:
@@ -115,10 +121,6 @@ def _check_config(cfg) -> None:
         if v <= 0 or v % 32:
             raise app.UsageError(f"--config.{name}={v}: must be a positive multiple of 32 (VAE factor 8 x "
                                  f"UNet down-sampling 4)")
-    if int(cfg.num_inference_steps) < 1:
-        raise app.UsageError(f"--config.num_inference_steps={cfg.num_inference_steps}: must be >= 1")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise app.UsageError(f"--config.dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
 
 
 def _grid(images):
@@ -165,8 +167,7 @@ def main(argv):
     plans = list(_GOT_TEXT.value) + [_read(p) for p in _GOT_TEXT_FILE.value]
     if plans and len(plans) != len(prompts):
         raise app.UsageError(f"{len(plans)} GoT texts for {len(prompts)} prompts")
-    if not _ONLY_GOT.value:
-        _check_config(cfg)
+    _check_config(cfg, paint=not _ONLY_GOT.value)
     images = _open_images(images)
 
     mesh = sharding.make_mesh(tuple(cfg.mesh_shape)) if len(cfg.mesh_shape) else None
