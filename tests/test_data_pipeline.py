@@ -76,7 +76,7 @@ def test_tfds_build_roundtrip(tmp_path, tok):
     tfds_builders.build("got_editing", "shapes_edit", str(src), str(tmp_path / "tfds"))
     assert list((tmp_path / "tfds" / "got_generation" / "shapes" / "1.0.0").glob("*.array_record-*"))
 
-    gen = {r.got: r for r in records.read_records(src / "annotations" / "generation.jsonl", "shapes")}
+    gen = {r.got: r for r in records.read_records(src / "annotations" / "generation.jsonl", "shapes", src)}
     source = P.tfds_source("got_generation", "shapes", str(tmp_path / "tfds"))
     assert len(source) == 8
     it = iter(P.make_dataset(source, P.PipelineConfig(**GEN, num_epochs=1), tok))
@@ -95,7 +95,7 @@ def test_tfds_build_roundtrip(tmp_path, tok):
             np.testing.assert_array_equal(batch["time_ids"][b], [64, 64, 0, 0, 64, 64])
     assert seen == set(gen)
 
-    edit = {r.got: r for r in records.read_records(src / "annotations" / "editing.jsonl", "shapes_edit")}
+    edit = {r.got: r for r in records.read_records(src / "annotations" / "editing.jsonl", "shapes_edit", src)}
     source = P.tfds_source("got_editing", "shapes_edit", str(tmp_path / "tfds"))
     batch = next(iter(P.make_dataset(source, P.PipelineConfig(**EDIT, num_epochs=1), tok)))
     proc = T.make_image_processor(min_pixels=448 * 448, max_pixels=448 * 448)

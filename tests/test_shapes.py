@@ -82,8 +82,8 @@ def test_deterministic_and_seed_dependent():
 def test_cli_writes_reader_format(tmp_path):
     shapes.main(["--out", str(tmp_path), "--size", "32", "--num-generation", "6", "--num-editing", "4", "--seed", "2"])
     ann = tmp_path / "annotations"
-    gen = list(records.read_records(ann / "generation.jsonl", "shapes"))
-    edit = list(records.read_records(ann / "editing.jsonl", "shapes_edit"))
+    gen = list(records.read_records(ann / "generation.jsonl", "shapes", tmp_path))
+    edit = list(records.read_records(ann / "editing.jsonl", "shapes_edit", tmp_path))
     assert len(gen) == 6 and len(edit) == 4
     for i, r in enumerate(gen):
         ex = shapes.generation_example(2, i, 32)
