@@ -394,9 +394,16 @@ def test_dataset_commands_and_pipeline_snippet(work):
 def test_installed_package_runs_from_anywhere(tmp_path):
     """``pip install .`` (no deps) into a folder: converters, their console scripts and configs work from
     another directory with nothing of the checkout on the path."""
-    target = tmp_path / "site"
+    import shutil
+
+    src, target = tmp_path / "src", tmp_path / "site"  # a copy: pip builds in the source tree (build/, egg-info)
+    src.mkdir()
+    for name in ("setup.py", "got_jax", "configs", "convert"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        kw = {"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}
+        copy(ROOT / name, src / name, **kw)
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600,
+                        "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=600,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     e = dict(env(), PYTHONPATH=str(target))
