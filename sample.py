@@ -145,6 +145,7 @@ def main(argv):
 
     from got_jax import sharding  # noqa: PLC0415
     from got_jax.got.layout import layout_grid, painted_boxes, render_layout_canvases  # noqa: PLC0415
+    from got_jax.models.options import ModelOptions  # noqa: PLC0415
 
     if _DEMO.value == bool(_CKPT.value):
         raise app.UsageError("give exactly one of --ckpt DIR (converted GoT weights) or --demo")
@@ -178,12 +179,15 @@ def main(argv):
         logging.warning("--demo: a tiny GoT with RANDOM weights; its chains and images are noise. Convert GoT-6B "
                         "weights (README) and pass --ckpt to sample for real.")
         print("demo: tiny random-weight GoT (no trained weights yet); chains and images are noise")
-        pipe = demo_pipeline(dtype=dtype, mesh=mesh)
+        pipe = demo_pipeline(options=ModelOptions(dtype=dtype), mesh=mesh)
         pipe.max_boxes = cfg.max_boxes
     else:
+        from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
         from got_jax.got.pipeline import GoTPipeline  # noqa: PLC0415
 
-        pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, dtype=dtype, max_boxes=cfg.max_boxes)
+        # compute in cfg.dtype; parameters keep the checkpoint's dtype
+        opts = ModelOptions(dtype=dtype, param_dtype=read_config(_CKPT.value).get("param_dtype") or "float32")
+        pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, options=opts, max_boxes=cfg.max_boxes)
 
     out = Path(_OUTDIR.value)
     out.mkdir(parents=True, exist_ok=True)

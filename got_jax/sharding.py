@@ -39,6 +39,7 @@ LOGICAL_AXES = (
     "conv_out",           # output channels of a conv kernel
     "conv_spatial",       # kernel spatial dims (never sharded)
     "norm",               # norm scales / biases
+    "lora_rank",          # the rank dimension of LoRA adapters (replicated unless a rule says otherwise)
 )
 
 Rules = Sequence[tuple[str, Any]]

@@ -15,8 +15,8 @@ from flax import nnx
 
 from got_jax.convert import export_pytorch, got_checkpoint
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
-from got_jax.checkpoint.got_layout import make_projector
-from got_jax.checkpoint.orbax_io import load_got_checkpoint
+from got_jax.got.checkpoint import load_got_checkpoint
+from got_jax.got.model import make_projector
 from got_jax.got.tokenizer import BUNDLED_TOKENIZER_DIR, GOT_TOKENS, got_token_ids, load_tokenizer
 from got_jax.models.sdxl import UNet2DConditionModel, UNetConfig
 

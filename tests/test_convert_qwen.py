@@ -12,7 +12,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen
 from got_jax.convert import export_pytorch, qwen2_5_vl
 from got_jax.checkpoint import CheckpointError
 from got_jax import sharding
-from got_jax.checkpoint.orbax_io import load_checkpoint, load_got_checkpoint
+from got_jax.got.checkpoint import load_checkpoint, load_got_checkpoint
 
 
 @pytest.mark.parametrize("layout,tied", [("4.x", True), ("5.x", False)])

@@ -14,7 +14,7 @@ from flax import nnx
 
 from got_jax.convert import export_pytorch, sdxl
 from got_jax.checkpoint import CheckpointError
-from got_jax.checkpoint.orbax_io import load_got_checkpoint
+from got_jax.got.checkpoint import load_got_checkpoint
 from got_jax.models.sdxl import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 
 

@@ -157,7 +157,7 @@ def test_full_size_got_tree_layout():
     """The documented params tree at GoT-6B sizes (abstract: no memory)."""
     import json
 
-    from got_jax.checkpoint.got_layout import part_builders
+    from got_jax.got.checkpoint import part_builders
 
     ref = REFERENCE_CONFIGS + "/"
     load = lambda name: json.load(open(ref + name))  # noqa: E731

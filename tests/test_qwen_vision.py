@@ -23,8 +23,9 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError, export_state, load_into_abstract, open_tensor_folder
-from got_jax.models.qwen2_5_vl.vision import (VISION_TABLE, Qwen2_5_VisionTransformer, VisionConfig,
-                                              load_vision_weights, pad_pixel_values, position_ids,
+from got_jax.models.options import ModelOptions
+from got_jax.models.qwen2_5_vl.checkpoint import VISION_TABLE, load_vision_weights
+from got_jax.models.qwen2_5_vl.vision import (Qwen2_5_VisionTransformer, VisionConfig, pad_pixel_values, position_ids,
                                               prepare_vision_inputs, segment_attention, window_index)
 
 REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
@@ -95,7 +96,7 @@ def test_config_from_hf_both_layouts_and_full_size_shapes():
     assert seen == set(ours)
     # full-size forward shapes (bfloat16 compute, padded bucket of 1536 patches) without memory
     graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Qwen2_5_VisionTransformer(cfg4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+        lambda: Qwen2_5_VisionTransformer(cfg4, options=ModelOptions(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))))
     aux = prepare_vision_inputs(np.array([[1, 32, 46]]), cfg4, pad_to=1536)
     pixels = jax.ShapeDtypeStruct((1536, cfg4.patch_dim), jnp.float32)
     out = jax.eval_shape(lambda st, pv, a: nnx.merge(graphdef, st)(pv, a), state, pixels, aux)

@@ -50,15 +50,23 @@ def _run_diffusers(cls, cfg, n, x0, noises, fake_double=False, start=0, **step_k
   return x.numpy()
 
 
+def _nhwc(x):
+  return np.moveaxis(np.asarray(x), -3, -1)
+
+
 def _run_ours(name, cfg, n, x0, noises, fake_double=False, stateful=True, start=0, **step_kw):
-  """Generic sampling loop (what a pipeline does) for any scheduler, jitted with lax.fori_loop."""
+  """Generic sampling loop (what a pipeline does) for any scheduler, jitted with lax.fori_loop.
+
+  Takes and returns NCHW arrays like diffusers but runs our schedulers on NHWC (channels last, as
+  got-jax's UNet), so a learned variance (``fake_double``) is split on the channel axis."""
   s = make_scheduler(name, cfg, n)
-  noises = jnp.asarray(np.stack(noises)) if noises is not None else jnp.zeros((n,) + x0.shape)
+  x0 = _nhwc(x0)
+  noises = jnp.asarray(_nhwc(np.stack(noises))) if noises is not None else jnp.zeros((n,) + x0.shape)
 
   def model(x, i):
     t = jnp.asarray(s.timesteps)[i].astype(jnp.float32)
     out = _fake_jnp(s.scale_model_input(x, i), t)
-    return jnp.concatenate([out, jnp.tanh(out)], 1) if fake_double else out
+    return jnp.concatenate([out, jnp.tanh(out)], -1) if fake_double else out
 
   @jax.jit
   def loop(x):
@@ -69,7 +77,7 @@ def _run_ours(name, cfg, n, x0, noises, fake_double=False, stateful=True, start=
       x, state = carry
       return s.step(model(x, i), i, x, noise=noises[i], state=state, **step_kw)
     return jax.lax.fori_loop(start, n, body, (x, s.init_state(x)))[0]
-  return np.asarray(loop(jnp.asarray(x0)))
+  return np.moveaxis(np.asarray(loop(jnp.asarray(x0))), -1, -3)
 
 
 def _check(ref, got):
@@ -178,13 +186,19 @@ def test_dpm_schedule(spacing, karras):
                                 _dpm_ref_schedule(cfg, 10).timesteps.numpy())
 
 
-def _dpm_trajectory(name, cfg, n, seed, start=0):
+def _dpm_trajectory(name, cfg, n, seed, start=0, double=False, channels=4):
   rng = np.random.default_rng(seed)
-  x0 = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+  x0 = rng.standard_normal((1, channels, 8, 8)).astype(np.float32)
   s = make_scheduler(name, cfg, n)
   x0 = x0 * s.init_noise_sigma
-  ref = _run_diffusers(diffusers.DPMSolverMultistepScheduler, cfg, n, x0, None, start=start)
-  _check(ref, _run_ours(name, cfg, n, x0, None, start=start))
+  ref = _run_diffusers(diffusers.DPMSolverMultistepScheduler, cfg, n, x0, None, double, start=start)
+  _check(ref, _run_ours(name, cfg, n, x0, None, double, start=start))
+
+
+def test_dpm_learned_variance_split_on_channels():
+  """A model output with 2x channels (learned variance) keeps the first half of the channel axis (NHWC).
+  (diffusers keeps channels [:3], written for 3-channel pixel models: 3 channels here.)"""
+  _dpm_trajectory("dpmpp_2m", dict(CFG, variance_type="learned_range"), 10, seed=7, double=True, channels=3)
 
 
 @pytest.mark.parametrize("n", [12, 25])

@@ -12,6 +12,7 @@ from flax import nnx
 
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError
+from got_jax.models.options import ModelOptions
 from got_jax.models.sdxl import UNet2DConditionModel, UNetConfig, load_diffusers_checkpoint
 
 REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
@@ -170,8 +171,8 @@ def test_attention_registry_seam():
 
     layers.register_attention("test_einsum", einsum_attention)
     kw = dict(rngs=nnx.Rngs(0))
-    a = layers.Attention(16, 4, 8, attention_impl="xla", **kw)
-    b = layers.Attention(16, 4, 8, attention_impl="test_einsum", **kw)
+    a = layers.Attention(16, 4, 8, options=ModelOptions(attention_impl="xla"), **kw)
+    b = layers.Attention(16, 4, 8, options=ModelOptions(attention_impl="test_einsum"), **kw)
     nnx.update(b, nnx.state(a))
     x, ctx = jnp.ones((2, 5, 16)) * jnp.arange(5.)[None, :, None] / 5, jnp.cos(jnp.arange(2 * 3 * 8.)).reshape(2, 3, 8)
     np.testing.assert_allclose(np.asarray(b(x, ctx)), np.asarray(a(x, ctx)), atol=1e-5)

@@ -1,4 +1,4 @@
-"""The parts of a GoT checkpoint: splitting GoT-6B's state dict, and building / converting each part.
+"""GoT-6B's checkpoint layout as pure data: which torch prefix holds which part, and the splitting of its tensors.
 
 GoT-6B's ``pytorch_model*.bin`` holds every part under one prefix each:
 
@@ -14,31 +14,18 @@ torch keys                          part                becomes
 ``vae.*`` (optional)                ``vae``             diffusers AutoencoderKL keys
 ==================================  ==================  =========================================
 
-A :class:`Part` knows how to build the abstract module of a part from its config section of the
-converted ``config.json`` and which :class:`MappingTable` maps its torch keys; the family tables live
-beside the models (``got_jax/models/*/checkpoint.py``), the projector table is here.
-:func:`convert_parts` fills each part from its :class:`TensorSource` one tensor at a time and writes the
-converted folder (see :mod:`got_jax.checkpoint.orbax_io`).
+Only tensor sources, names and config dicts here (no model is built): building and filling the parts is
+:mod:`got_jax.got.checkpoint`, beside the GoT model.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import jax.numpy as jnp
-from flax import nnx
-
-from got_jax import sharding
 from got_jax.checkpoint.errors import CheckpointError
 from got_jax.checkpoint.lora import has_lora, merge_lora
-from got_jax.checkpoint.mapping import LINEAR, MappingTable, Rule, load_into_abstract
-from got_jax.checkpoint.orbax_io import PARTS, pure_tree, write_checkpoint_folder
+from got_jax.checkpoint.mapping import LINEAR, MappingTable, Rule
 from got_jax.checkpoint.tensor_io import TensorSource
-
-log = logging.getLogger(__name__)
 
 # torch prefix in GoT-6B's state dict -> part name
 GOT_PREFIXES = {
@@ -51,90 +38,6 @@ GOT_PREFIXES = {
 PART_PREFIX = {v: k for k, v in GOT_PREFIXES.items()}
 
 PROJECTOR_TABLE = MappingTable([Rule("weight", "kernel", LINEAR), Rule("bias", "bias")])
-
-
-def make_projector(in_features: int, out_features: int, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                   rngs: nnx.Rngs) -> nnx.Linear:
-    """The GoT projector: ``nnx.Linear`` with logical names (embed, mlp) on the kernel."""
-    return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=sharding.param_init(nnx.initializers.lecun_normal(), "embed", "mlp"),
-                      bias_init=sharding.param_init(nnx.initializers.zeros_init(), "mlp"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """How to build (abstractly) and fill one part of a converted checkpoint.
-
-    ``build(config_section, param_dtype)`` returns a concrete module (called under ``nnx.eval_shape``);
-    ``table(config_section, source)`` returns the mapping table for the torch keys in ``source``.
-    """
-
-    name: str
-    build: Callable[[Any, Any], nnx.Module]
-    table: Callable[[Any, TensorSource], MappingTable]
-
-    def abstract(self, config_section, param_dtype=jnp.float32) -> nnx.Module:
-        return nnx.eval_shape(lambda: self.build(config_section, param_dtype))
-
-
-def _projector_part(name: str) -> Part:
-    def build(section, param_dtype):
-        return make_projector(int(section["in_features"]), int(section["out_features"]), param_dtype=param_dtype,
-                              rngs=nnx.Rngs(0))
-
-    return Part(name, build, lambda section, source: PROJECTOR_TABLE)
-
-
-def _reasoner_part() -> Part:
-    def build(section, param_dtype):
-        from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: PLC0415
-        from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
-
-        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_hf_config(section), param_dtype=param_dtype,
-                                                  rngs=nnx.Rngs(0))
-
-    def table(section, source):
-        from got_jax.models.qwen2_5_vl import checkpoint as qck  # noqa: PLC0415
-        from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: PLC0415
-
-        return qck.mapping_table(Qwen2_5_VLConfig.from_hf_config(section), qck.detect_layout(source.keys()))
-
-    return Part("reasoner", build, table)
-
-
-def _sdxl_part(kind: str) -> Part:
-    def build(section, param_dtype):
-        from got_jax.models import sdxl  # noqa: PLC0415
-
-        if kind == "unet":
-            return sdxl.UNet2DConditionModel(sdxl.UNetConfig.from_diffusers(dict(section)), param_dtype=param_dtype,
-                                             rngs=nnx.Rngs(0))
-        return sdxl.AutoencoderKL(sdxl.VAEConfig.from_diffusers(dict(section)), param_dtype=param_dtype,
-                                  rngs=nnx.Rngs(0))
-
-    def table(section, source):
-        from got_jax.models import sdxl  # noqa: PLC0415
-
-        return sdxl.unet_table() if kind == "unet" else sdxl.vae_table()
-
-    return Part(kind, build, table)
-
-
-def part_builders() -> dict[str, Callable[[Mapping[str, Any]], nnx.Module]]:
-    """Builders of abstract modules from a converted folder's whole config (for restoring)."""
-    parts = default_parts()
-    return {name: (lambda cfg, p=p: p.abstract(section_of(cfg, p.name), _dtype(cfg.get("param_dtype"))))
-            for name, p in parts.items()}
-
-
-def default_parts() -> dict[str, Part]:
-    return {"reasoner": _reasoner_part(), "projector": _projector_part("projector"),
-            "pooled_projector": _projector_part("pooled_projector"), "unet": _sdxl_part("unet"),
-            "vae": _sdxl_part("vae")}
-
-
-def _dtype(name):
-    return jnp.dtype(name or "float32")
 
 
 def section_of(config: Mapping[str, Any], part: str):
@@ -201,41 +104,3 @@ def projector_config(source: TensorSource) -> dict:
         raise CheckpointError(f"{source.description}: projector has no 'weight' tensor")
     out_f, in_f = source.shape("weight")
     return {"in_features": int(in_f), "out_features": int(out_f)}
-
-
-# ---------------------------------------------------------------------------------- converting
-
-
-def load_part(part: Part, section, source: TensorSource, *, param_dtype=jnp.float32, progress: bool = True):
-    """Fills the abstract module of ``part`` from ``source`` (one tensor at a time); returns the module."""
-    abstract = part.abstract(section, param_dtype)
-    return load_into_abstract(abstract, source, part.table(section, source), param_dtype=param_dtype,
-                              progress=progress, desc=part.name)
-
-
-def convert_parts(out: str, config: Mapping[str, Any], sources: Mapping[str, TensorSource], *,
-                  parts: Mapping[str, Part] | None = None, tokenizer_files: Mapping[str, str] | None = None,
-                  param_dtype=jnp.float32, progress: bool = True, overwrite: bool = False) -> dict:
-    """Loads every part in ``sources`` and writes the converted folder ``out`` (atomically).
-
-    ``config`` holds the per-part sections (``reasoner``, ``unet``, ``vae``, ``scheduler``,
-    ``projectors``). Parts are loaded smallest-risk first and the whole folder is written only when
-    all loaded, so a bad tensor anywhere leaves ``out`` untouched. Returns the written config.
-    """
-    parts = dict(parts or default_parts())
-    order = [p for p in ("projector", "pooled_projector", "vae", "unet", "reasoner") if p in sources]
-    order += [p for p in sources if p not in order]
-    params: dict[str, Any] = {}
-    for name in order:
-        if name not in parts:
-            raise CheckpointError(f"no converter for part {name!r}")
-        log.info("converting %s (%d tensors from %s)", name, len(sources[name]), sources[name].description)
-        module = load_part(parts[name], section_of(config, name), sources[name], param_dtype=param_dtype,
-                           progress=progress)
-        params[name] = pure_tree(module)
-        del module
-        gc.collect()
-    ordered = {p: params[p] for p in PARTS if p in params}
-    ordered.update({p: v for p, v in params.items() if p not in ordered})
-    cfg = {**dict(config), "param_dtype": jnp.dtype(param_dtype).name}
-    return write_checkpoint_folder(out, cfg, ordered, tokenizer_files, overwrite=overwrite)

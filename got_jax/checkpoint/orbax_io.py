@@ -24,10 +24,10 @@ Pure dicts are ``nnx.to_pure_dict(nnx.state(module))``: nested dicts keyed by at
 (list indices as ints) whose leaves are arrays. A GoT model whose submodules carry the same
 attribute names (``reasoner``, ``projector``, ``pooled_projector``, ``unet``, ``vae``; projectors
 are ``nnx.Linear``) matches this tree, so ``nnx.replace_by_pure_dict(nnx.state(model), tree)``
-followed by ``nnx.update(model, state)`` loads it. :func:`load_got_checkpoint` restores the tree (sharded onto a
-mesh by the logical axis names of the family models, see :func:`got_jax.checkpoint.got_layout.part_builders`)
-and returns it with the config; projectors for a GoT model come from
-:func:`got_jax.checkpoint.got_layout.make_projector`.
+followed by ``nnx.update(model, state)`` loads it. :func:`load_checkpoint` restores the tree (sharded onto a
+mesh by the logical axis names of abstract modules given by the caller: GoT's part builders are in
+:mod:`got_jax.got.checkpoint`, which also has ``load_got_checkpoint``) and returns it with the config.
+This module is pure I/O: it builds no model.
 
 Writes are atomic: everything goes to a hidden temp folder beside the target, renamed into place
 only when complete; a failure removes the temp folder and leaves the target untouched.
@@ -46,11 +46,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from got_jax import sharding
 from got_jax.checkpoint.errors import CheckpointError
 
 FORMAT = "got-jax"
 VERSION = 1
-PARTS = ("reasoner", "projector", "pooled_projector", "unet", "vae")
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
@@ -253,27 +253,22 @@ def read_config(folder: str) -> dict:
 PartBuilder = Callable[[Mapping[str, Any]], nnx.Module]
 
 
-def load_checkpoint(folder: str, *, parts: Mapping[str, PartBuilder] | None = None, mesh=None, rules=None,
-                    dtype=None, only: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+def load_checkpoint(folder: str, *, parts: Mapping[str, PartBuilder], mesh=None, rules=None,
+                    dtype=None, only: tuple[str, ...] | None = None,
+                    config: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
     """Restores a converted folder: returns ``(pure params tree, config dict)``.
 
-    ``parts`` maps part names to builders of abstract modules (defaults:
-    :func:`got_jax.checkpoint.got_layout.part_builders`); with ``mesh`` every array is restored
-    directly into its sharding (logical names of the abstract module, ``rules``), so no host holds
-    the whole model. ``only`` restores a subset of parts.
+    ``parts`` maps part names to builders of abstract modules from the folder's config (GoT's:
+    :func:`got_jax.got.checkpoint.part_builders`); with ``mesh`` every array is restored directly into
+    its sharding (logical names of the abstract module, ``rules``), so no host holds the whole model.
+    ``only`` restores a subset of parts. ``config``: the folder's config when the caller has read it already.
     """
-    from got_jax import sharding as sh  # noqa: PLC0415
-
-    cfg = read_config(folder)
+    cfg = dict(config) if config is not None else read_config(folder)
     stored = tuple(cfg.get("parts", ()))
     wanted = tuple(only) if only is not None else stored
     unknown = [p for p in wanted if p not in stored]
     if unknown:
         raise CheckpointError(f"{folder}: parts {unknown} not stored (folder holds {list(stored)})")
-    if parts is None:
-        from got_jax.checkpoint.got_layout import part_builders  # noqa: PLC0415
-
-        parts = part_builders()
     abstract, shards = {}, {}
     for name in stored:
         if name not in wanted:
@@ -283,8 +278,8 @@ def load_checkpoint(folder: str, *, parts: Mapping[str, PartBuilder] | None = No
         state = nnx.state(parts[name](cfg))
         abstract[name] = nnx.to_pure_dict(state)
         if mesh is not None:
-            shards[name] = nnx.to_pure_dict(sh.state_shardings(state, mesh, rules if rules is not None
-                                                                else sh.DEFAULT_RULES))
+            shards[name] = nnx.to_pure_dict(sharding.state_shardings(
+                state, mesh, rules if rules is not None else sharding.DEFAULT_RULES))
         else:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shards[name] = jax.tree.map(lambda _: dev, abstract[name])
@@ -298,16 +293,3 @@ def load_checkpoint(folder: str, *, parts: Mapping[str, PartBuilder] | None = No
                 shards[name] = abstract[name]
     tree = restore_params(params_dir, abstract, shards, dtype=dtype)
     return {k: tree[k] for k in wanted}, cfg
-
-
-def load_got_checkpoint(folder: str, mesh=None, rules=None, *, dtype=None,
-                        only: tuple[str, ...] | None = None) -> tuple[dict, dict]:
-    """Restores a converted GoT (or part) folder with the family model classes.
-
-    Returns ``(params, config)``: ``params`` is the pure tree ``{"reasoner": ..., "projector": ...,
-    "pooled_projector": ..., "unet": ..., "vae": ...}`` (the parts stored, or ``only``), each array
-    placed by its logical axis names under ``rules`` on ``mesh`` (one device when None) and cast to
-    ``dtype`` if given; ``config`` is the folder's ``config.json``. Load it into a model with
-    ``state = nnx.state(model); nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
-    """
-    return load_checkpoint(folder, mesh=mesh, rules=rules, dtype=dtype, only=only)

@@ -30,9 +30,10 @@ from flax import nnx
 
 from got_jax.convert import _common as common
 from got_jax.checkpoint import CheckpointError, export_state, write_safetensors
-from got_jax.checkpoint.got_layout import (PART_PREFIX, PROJECTOR_TABLE, Part, default_parts, section_of)
+from got_jax.checkpoint.got_layout import PART_PREFIX, PROJECTOR_TABLE, section_of
 from got_jax.checkpoint.mapping import MappingTable
-from got_jax.checkpoint.orbax_io import TOKENIZER_DIR, atomic_dir, load_checkpoint, read_config
+from got_jax.checkpoint.orbax_io import TOKENIZER_DIR, atomic_dir, read_config
+from got_jax.got.checkpoint import Part, default_parts, load_checkpoint
 
 _NP = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 Tensors = Iterator[tuple[str, Callable[[], np.ndarray]]]

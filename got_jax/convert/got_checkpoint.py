@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from got_jax.convert import _common as common
 from got_jax.convert.got_tokenizer import stage_got_tokenizer
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
-from got_jax.checkpoint.got_layout import (Part, convert_parts, embedding_rows, projector_config, split_got,
-                                           with_vocab_size)
+from got_jax.checkpoint.got_layout import embedding_rows, projector_config, split_got, with_vocab_size
+from got_jax.got.checkpoint import Part, convert_parts
 from got_jax.checkpoint.lora import has_lora, read_adapter_config
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from got_jax.convert import _common as common
 from got_jax.checkpoint import CheckpointError
-from got_jax.checkpoint.got_layout import Part, convert_parts
+from got_jax.got.checkpoint import Part, convert_parts
 
 
 def convert_sdxl(sdxl_dir: str, out: str, *, kinds: Sequence[str] = ("unet", "vae"), param_dtype="float32",

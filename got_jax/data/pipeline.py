@@ -175,9 +175,8 @@ class ExampleProcessor:
         self.tok = tokenizer
         self.ids = got_tokenizer.got_token_ids(tokenizer)
         npix = config.reasoner_size**2
-        self.processor = got_tokenizer.make_image_processor(min_pixels=npix, max_pixels=npix)
+        self.processor = got_tokenizer.make_image_processor(min_pixels=npix, max_pixels=npix)  # the one processor
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.ids.endoftext
-        self.image_pad = tokenizer.convert_ids_to_tokens(self.ids.image_pad)
 
     def __call__(self, index: int, record: dict) -> dict:
         gidx = self.cfg.shard_index + index * self.cfg.shard_count
@@ -232,9 +231,8 @@ class ExampleProcessor:
         grid = np.zeros(3, np.int32)
         if editing:
             pixel_values = np.zeros((cfg.reasoner_max_patches, PATCH_DIM), np.float32)
-            view = source.resize((cfg.reasoner_size, cfg.reasoner_size), Image.BICUBIC)
-            out = self.processor(images=[view], return_tensors="np")
-            pv, grid = np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"][0], np.int32)
+            pv, grid, _ = got_tokenizer.reasoner_image(source, self.processor, cfg.reasoner_size)
+            grid = np.asarray(grid[0], np.int32)
             pixel_values[: len(pv)] = pv
             extra["pixel_values"] = pixel_values
             reference = np.asarray(source.resize((W, H), Image.BICUBIC), np.uint8)
@@ -256,10 +254,7 @@ class ExampleProcessor:
 
     def _tokens(self, text: str, got: str, with_image: bool, n_image_tokens: int) -> dict:
         cfg = self.cfg
-        prompt = got_tokenizer.chat_prompt(self.tok, text, with_image)
-        if with_image:
-            prompt = prompt.replace(self.image_pad, self.image_pad * n_image_tokens, 1)
-        p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        p_ids = got_tokenizer.prompt_ids(self.tok, text, n_image_tokens if with_image else 0)
         a_ids = self.tok(got, add_special_tokens=False)["input_ids"] + [self.ids.im_gen_start]
         q_ids = list(self.ids.query[: cfg.num_query_tokens])
         n = len(p_ids) + len(a_ids) + len(q_ids)

@@ -151,8 +151,8 @@ class DDPMScheduler:
     cur_alpha = a / a_prev
     cur_beta = 1 - cur_alpha
     pv = None
-    if self.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
-      model_output, pv = jnp.split(model_output, 2, axis=1)
+    if self.variance_type in ("learned", "learned_range") and model_output.shape[-1] == 2 * sample.shape[-1]:
+      model_output, pv = jnp.split(model_output, 2, axis=-1)  # NHWC: channels last
     x0, _ = _pred_x0_eps(self.prediction_type, model_output, sample, a, b)
     if self.clip_sample:
       x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
@@ -402,8 +402,8 @@ class DPMSolverMultistepScheduler:
     sigma_t = sigma * alpha_t
     model_output = model_output.astype(jnp.float32)
     sample = sample.astype(jnp.float32)
-    if self.split_learned_variance and model_output.shape[1] == 2 * sample.shape[1]:
-      model_output = model_output[:, :sample.shape[1]]
+    if self.split_learned_variance and model_output.shape[-1] == 2 * sample.shape[-1]:
+      model_output = model_output[..., :sample.shape[-1]]  # NHWC: channels last
     if self.prediction_type == "epsilon":
       return (sample - sigma_t * model_output) / alpha_t
     if self.prediction_type == "sample":

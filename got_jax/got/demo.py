@@ -20,6 +20,7 @@ from flax import nnx
 from got_jax.got.model import GoT
 from got_jax.got.pipeline import GoTPipeline
 from got_jax.got.tokenizer import got_token_ids, load_tokenizer
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.processing import make_image_processor
 
 SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -58,11 +59,11 @@ def demo_config(tokenizer=None, hidden: int = 64) -> dict[str, Any]:
                            "pooled_projector": {"in_features": hidden, "out_features": 32}}}
 
 
-def random_model(config, seed: int = 0, *, dtype=jnp.float32) -> GoT:
+def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS) -> GoT:
     """A GoT with host-drawn random weights: biases 0, vectors (norm scales) 1, other arrays normal with
     std 1/sqrt(fan-in). Built abstractly and filled from numpy, so no initialiser is compiled (an eager
     ``GoT(..., rngs=...)`` compiles one small program per parameter shape: ~40 s even for the demo)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GoT(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GoT(config, options=options, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
@@ -77,10 +78,10 @@ def random_model(config, seed: int = 0, *, dtype=jnp.float32) -> GoT:
     return nnx.merge(graphdef, state)
 
 
-def demo_pipeline(seed: int = 0, *, dtype=jnp.float32, mesh=None, rules=None) -> GoTPipeline:
+def demo_pipeline(seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None, rules=None) -> GoTPipeline:
     """A :class:`GoTPipeline` on a tiny GoT with random weights from ``seed``."""
     tok = load_tokenizer()
-    model = random_model(demo_config(tok), seed, dtype=dtype)
+    model = random_model(demo_config(tok), seed, options=options)
     if mesh is not None:
         from got_jax import sharding  # noqa: PLC0415
 

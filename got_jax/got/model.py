@@ -1,8 +1,8 @@
 """The GoT model: Qwen2.5-VL reasoner + Semantic-Spatial Guidance Module + SDXL UNet / VAE.
 
 :class:`GoT` holds the five parts under the names of a converted checkpoint's parameter tree
-(``reasoner``, ``projector``, ``pooled_projector``, ``unet``, ``vae``; see
-:mod:`got_jax.checkpoint.got_layout`), built from the converted folder's ``config.json``. Its
+(``reasoner``, ``projector``, ``pooled_projector``, ``unet``, ``vae``; loaders in
+:mod:`got_jax.got.checkpoint`), built from the converted folder's ``config.json``. Its
 methods are the pure, jit-able pieces of the released ``GenCot.generate``:
 
 * :meth:`GoT.semantic_guidance` - ``projector(H)``, the null context ``projector(zeros)`` and the
@@ -26,12 +26,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from got_jax import sharding
-from got_jax.checkpoint.got_layout import make_projector
+from got_jax.checkpoint import orbax_io
 from got_jax.models import sdxl
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from got_jax.models.qwen2_5_vl.lora import materialize
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
-PARTS = ("reasoner", "projector", "pooled_projector", "unet", "vae")
+PARTS = ("reasoner", "projector", "pooled_projector", "unet", "vae")  # attribute names = checkpoint parts
+
+
+def make_projector(in_features: int, out_features: int, *, options: ModelOptions = DEFAULT_OPTIONS,
+                   rngs: nnx.Rngs) -> nnx.Linear:
+    """An SSGM projector: ``nnx.Linear`` with logical names (embed, mlp) on the kernel."""
+    return nnx.Linear(in_features, out_features, dtype=options.dtype, param_dtype=options.param_dtype, rngs=rngs,
+                      kernel_init=sharding.param_init(nnx.initializers.lecun_normal(), "embed", "mlp"),
+                      bias_init=sharding.param_init(nnx.initializers.zeros_init(), "mlp"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,40 +85,48 @@ class GoTConfig:
 class GoT(nnx.Module):
     """Reasoner, the two SSGM projectors, UNet and VAE (attribute names = checkpoint parts)."""
 
-    def __init__(self, config: GoTConfig | Mapping[str, Any], *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(self, config: GoTConfig | Mapping[str, Any], *, options: ModelOptions = DEFAULT_OPTIONS,
+                 rngs: nnx.Rngs):
         if not isinstance(config, GoTConfig):
             config = GoTConfig.from_dict(config)
         self.config = config
-        self.dtype = dtype
+        self.options = options
+        self.dtype = options.dtype
         hidden = config.reasoner.text.hidden_size
-        self.reasoner = Qwen2_5_VLForConditionalGeneration(config.reasoner, dtype=dtype, param_dtype=param_dtype,
-                                                           rngs=rngs)
-        self.projector = make_projector(hidden, config.context_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.pooled_projector = make_projector(hidden, config.pooled_dim, dtype=dtype, param_dtype=param_dtype,
-                                               rngs=rngs)
-        self.unet = sdxl.UNet2DConditionModel(config.unet, attention_impl=attention_impl, dtype=dtype,
-                                              param_dtype=param_dtype, rngs=rngs)
-        self.vae = sdxl.AutoencoderKL(config.vae, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.reasoner = Qwen2_5_VLForConditionalGeneration(config.reasoner, options=options, rngs=rngs)
+        self.projector = make_projector(hidden, config.context_dim, options=options, rngs=rngs)
+        self.pooled_projector = make_projector(hidden, config.pooled_dim, options=options, rngs=rngs)
+        self.unet = sdxl.UNet2DConditionModel(config.unet, options=options, rngs=rngs)
+        self.vae = sdxl.AutoencoderKL(config.vae, options=options, rngs=rngs)
 
     @classmethod
-    def from_checkpoint(cls, folder: str, *, mesh=None, rules=None, dtype=None, param_dtype=None,
-                        attention_impl: str = "xla") -> "GoT":
-        """Builds the model abstractly and restores a converted folder into it (sharded on ``mesh``)."""
-        from got_jax.checkpoint.orbax_io import load_got_checkpoint, read_config  # noqa: PLC0415
+    def from_checkpoint(cls, folder: str, *, mesh=None, rules=None, options: ModelOptions | None = None,
+                        lora_seed: int = 0) -> "GoT":
+        """Builds the model abstractly and restores a converted folder into it (sharded on ``mesh``).
 
-        raw = read_config(folder)
+        ``options`` default to float32 compute with the folder's stored ``param_dtype``. With LoRA in the
+        options, the adapters (absent from converted folders) start fresh from ``lora_seed``: A random, B zero,
+        so the model computes exactly the restored base model.
+        """
+        raw = orbax_io.read_config(folder)
         missing = [p for p in PARTS if p not in raw.get("parts", ())]
         if missing:
             raise ValueError(f"{folder}: a GoT checkpoint needs parts {list(PARTS)}; missing {missing}")
-        params, raw = load_got_checkpoint(folder, mesh=mesh, rules=rules, dtype=param_dtype)
-        dtype = jnp.dtype(dtype) if dtype is not None else jnp.float32
-        pdt = jnp.dtype(param_dtype) if param_dtype is not None else jnp.dtype(raw.get("param_dtype") or "float32")
-        abstract = nnx.eval_shape(lambda: cls(raw, dtype=dtype, param_dtype=pdt, attention_impl=attention_impl,
-                                              rngs=nnx.Rngs(0)))
+        if options is None:
+            options = ModelOptions(param_dtype=raw.get("param_dtype") or "float32")
+        abstract = nnx.eval_shape(lambda: cls(raw, options=options, rngs=nnx.Rngs(0)))
+        # the parts' abstract modules are the abstract GoT's own (adapters are not restored: not stored)
+        base = (nnx.eval_shape(lambda: cls(raw, options=options.without_lora(), rngs=nnx.Rngs(0)))
+                if options.lora_rank else abstract)
+        builders = {p: (lambda _cfg, p=p: getattr(base, p)) for p in PARTS}
+        params, _ = orbax_io.load_checkpoint(folder, parts=builders, mesh=mesh, rules=rules,
+                                             dtype=options.param_dtype, config=raw)
         graphdef, state = nnx.split(abstract)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state)
+        if options.lora_rank:
+            model = materialize(model, jax.random.key(lora_seed), mesh=mesh, rules=rules)
+        return model
 
     # --- SSGM ------------------------------------------------------------------------------------
 
@@ -146,6 +164,20 @@ class GoT(nnx.Module):
         w = box_mask.astype(modes.dtype)[:, :, None, None, None]
         return jnp.sum(modes * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
+    def unet_input(self, noisy: jax.Array, reference: jax.Array, layout: jax.Array) -> jax.Array:
+        """The UNet's 12-channel input: ``[noisy, reference, layout]`` latents (each (B, h, w, 4)) concatenated
+        on the channel axis in that order, in the compute dtype. The one place that builds it: sampling
+        (:meth:`guided_noise`) and the training loss both call this. Zero ``reference`` / ``layout`` are the
+        dropped conditions of classifier-free guidance."""
+        if not noisy.shape == reference.shape == layout.shape:
+            raise ValueError(f"unet_input: noisy {noisy.shape}, reference {reference.shape} and layout "
+                             f"{layout.shape} latents must have the same shape")
+        if noisy.shape[-1] != self.latent_channels:
+            raise ValueError(f"unet_input: latents have {noisy.shape[-1]} channels, the VAE has "
+                             f"{self.latent_channels} (NHWC expected)")
+        inp = jnp.concatenate([noisy, reference, layout], axis=-1).astype(self.dtype)
+        return sharding.constrain(inp, "activation_batch", None, None, None)
+
     def guided_noise(self, latents_in: jax.Array, t, context, null_context, pooled, reference, layout, time_ids,
                      scales: jax.Array) -> jax.Array:
         """Four-way classifier-free guidance, one UNet call on a batch of 4B.
@@ -160,8 +192,7 @@ class GoT(nnx.Module):
         ref = jnp.concatenate([reference, reference, reference, zeros], axis=0)
         lay = jnp.concatenate([layout, zeros, zeros, zeros], axis=0)
         ctx = jnp.concatenate([context, context, null_context, null_context], axis=0)
-        inp = jnp.concatenate([x, ref, lay], axis=-1).astype(self.dtype)
-        inp = sharding.constrain(inp, "activation_batch", None, None, None)
+        inp = self.unet_input(x, ref, lay)
         e = self.unet(inp, t, ctx, jnp.concatenate([pooled] * 4, axis=0), jnp.concatenate([time_ids] * 4, axis=0))
         e1, e2, e3, e4 = jnp.split(e.astype(jnp.float32), 4, axis=0)
         g, c, i = (scales[:, k, None, None, None].astype(jnp.float32) for k in range(3))

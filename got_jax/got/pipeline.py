@@ -53,13 +53,13 @@ from got_jax.diffusion.schedulers import make_scheduler
 from got_jax.got.layout import draw_overlay, painted_boxes, render_layout_canvases, to_model_range
 from got_jax.got.model import GoT
 from got_jax.got.text import Box, parse_got
-from got_jax.got.tokenizer import chat_prompt, got_token_ids, load_tokenizer
+from got_jax.got.tokenizer import REASONER_IMAGE_SIZE, got_token_ids, load_tokenizer, prompt_ids, reasoner_image
 from got_jax.models.qwen2_5_vl import processing
 from got_jax.models.qwen2_5_vl.generate import Sampler, forward_hidden
 
 log = logging.getLogger(__name__)
 
-SOURCE_SIZE = 448  # the reasoner sees source / fed-back images at 448x448 (bicubic), as released
+SOURCE_SIZE = REASONER_IMAGE_SIZE  # the reasoner sees source / fed-back images at 448x448 (bicubic)
 LENGTH_BUCKET = 32  # prompt lengths are left-padded to a multiple of this (fewer recompiles)
 STRIP_TOKENS = ("<|endoftext|>", "<|im_gen_end|>", "<|vision_start|>", "<|vision_end|>")
 
@@ -217,12 +217,12 @@ class GoTPipeline:
         self._feedback_tokens: int | None = None
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None, rules=None, dtype=None, param_dtype=None,
-                        attention_impl: str = "xla", **kwargs) -> "GoTPipeline":
-        """A pipeline on a converted GoT folder (``convert/got_checkpoint.py`` output)."""
+    def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None, rules=None, options=None,
+                        **kwargs) -> "GoTPipeline":
+        """A pipeline on a converted GoT folder (``convert/got_checkpoint.py`` output); ``options``
+        (:class:`~got_jax.models.options.ModelOptions`) default to float32 compute on the stored dtype."""
         folder = os.fspath(folder)
-        model = GoT.from_checkpoint(folder, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
-                                    attention_impl=attention_impl)
+        model = GoT.from_checkpoint(folder, mesh=mesh, rules=rules, options=options)
         tok_dir = os.path.join(folder, "tokenizer")
         tokenizer = load_tokenizer(tok_dir)
         proc = load_image_processor(tok_dir, model.config.reasoner)
@@ -236,19 +236,17 @@ class GoTPipeline:
         return sharding.use_mesh(self.mesh, self.rules if self.rules is not None else sharding.DEFAULT_RULES)
 
     def _vision(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        return processing.preprocess_images([img.resize((SOURCE_SIZE, SOURCE_SIZE), Image.BICUBIC)],
-                                            self.image_processor)
+        pv, grid, _ = reasoner_image(img, self.image_processor, SOURCE_SIZE)
+        return pv, grid
 
     def _image_tokens(self, grid: np.ndarray) -> int:
         return int(np.prod(grid, axis=-1).sum()) // self.image_processor.merge_size ** 2
 
     def _prompt_ids(self, text: str, source: Image.Image | None) -> tuple[list[int], list]:
-        prompt = chat_prompt(self.tokenizer, text, with_image=source is not None)
         if source is None:
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]), []
-        pv, grid = self._vision(source)
-        prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * self._image_tokens(grid), 1)
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]), [(pv, grid)]
+            return prompt_ids(self.tokenizer, text), []
+        pv, grid, n = reasoner_image(source, self.image_processor, SOURCE_SIZE)
+        return prompt_ids(self.tokenizer, text, n), [(pv, grid)]
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -17,6 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from got_jax.models.qwen2_5_vl.processing import make_image_processor, preprocess_images  # noqa: F401 (re-export)
+
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 
 # Qwen2.5's added tokens, in vocabulary order (151643 ... 151664); (name, special).
@@ -48,6 +52,8 @@ QWEN2_5_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 IM_GEN_START = "<|im_gen_start|>"
 IM_GEN_END = "<|im_gen_end|>"
 NUM_QUERY_TOKENS = 64
+IMAGE_PAD = "<|image_pad|>"
+REASONER_IMAGE_SIZE = 448  # source / fed-back images reach the reasoner at 448x448 (bicubic), as released
 # The GoT tokens, in the released order (they follow <|file_sep|> in the real vocabulary).
 GOT_TOKENS: tuple[str, ...] = (IM_GEN_START, IM_GEN_END) + tuple(
     f"<|im_gen_{i:04d}|>" for i in range(NUM_QUERY_TOKENS)
@@ -166,19 +172,30 @@ def chat_prompt(tokenizer, text: str, with_image: bool) -> str:
     return tokenizer.apply_chat_template(chat_messages(text, with_image), tokenize=False, add_generation_prompt=True)
 
 
-def make_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
-    """Qwen2.5-VL's image processor built in code (patch 14, merge 2, temporal 2, CLIP mean/std, bicubic).
+def prompt_ids(tokenizer, text: str, n_image_tokens: int = 0) -> list[int]:
+    """Token ids of the GoT prompt for ``text``: :func:`chat_prompt` (an edit prompt when ``n_image_tokens``)
+    with its one ``<|image_pad|>`` expanded to ``n_image_tokens`` copies, tokenised without special tokens.
 
-    Uses transformers' torchvision ``Qwen2VLImageProcessor`` when torchvision is installed,
-    else its PIL twin ``Qwen2VLImageProcessorPil`` (same arithmetic).
+    The one prompt builder: the sampling pipeline and the training data pipeline both call it, so both see
+    the same tokens.
     """
-    try:
-        import torchvision  # noqa: F401
+    prompt = chat_prompt(tokenizer, text, with_image=n_image_tokens > 0)
+    if n_image_tokens:
+        prompt = prompt.replace(IMAGE_PAD, IMAGE_PAD * int(n_image_tokens), 1)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as cls
-    except ImportError:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
-    return cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+
+def reasoner_image(image, image_processor, size: int = REASONER_IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, int]:
+    """What the reasoner sees of a source image: resized to ``size`` x ``size`` (bicubic, as released) and
+    run through ``image_processor`` (:func:`make_image_processor`). Returns ``(pixel_values (patches,
+    patch_dim) float32, image_grid_thw (1, 3), number of <|image_pad|> tokens)``. The one image path of
+    sampling and training.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    pv, grid = preprocess_images([img.convert("RGB").resize((size, size), Image.BICUBIC)], image_processor)
+    return pv, grid, int(np.prod(grid, axis=-1).sum()) // image_processor.merge_size ** 2
 
 
 # --------------------------------------------------------------------------------------------

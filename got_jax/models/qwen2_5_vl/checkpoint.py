@@ -7,12 +7,13 @@ Torch key (5.x; 4.x drops ``language_model.`` and writes ``visual.`` for ``model
   their biases (N*H,) -> (N, H); ``o_proj.weight`` (D, N*H) -> ``o_proj.kernel`` (N, H, D)
 * ``...layers.{i}.mlp.{gate,up,down}_proj.weight`` -> ``.kernel`` (transposed)
 * norms ``.weight`` -> ``.weight``; ``lm_head.weight`` (V, D) -> ``lm_head.kernel`` (D, V), ignored when tied
-* ``model.visual.*`` -> ``visual.*`` through :data:`~got_jax.models.qwen2_5_vl.vision.VISION_TABLE`
+* ``model.visual.*`` -> ``visual.*`` through :data:`VISION_TABLE` (also :func:`load_vision_weights` for the tower alone)
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import jax.numpy as jnp
 from flax import nnx
@@ -20,9 +21,55 @@ from flax import nnx
 from got_jax import sharding
 from got_jax.checkpoint import IDENTITY, LINEAR, CheckpointError, Hook, MappingTable, Rule, load_into_abstract
 from got_jax.checkpoint import open_tensor_folder
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
-from got_jax.models.qwen2_5_vl.vision import VISION_TABLE
+from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, VisionConfig
+
+# --------------------------------------------------------------------------------------------------
+# The vision tower's checkpoint mapping
+# --------------------------------------------------------------------------------------------------
+
+# torch Conv3d (O, I, t, p, p) <-> ours (I, t, p, p, O)
+CONV3D_MATMUL = Hook("conv3d_matmul", lambda x: x.transpose(1, 2, 3, 4, 0), lambda x: x.transpose(4, 0, 1, 2, 3))
+# torch fused qkv Linear (3*D, D) <-> ours (D, 3, D); bias (3*D,) <-> (3, D)
+QKV_KERNEL = Hook("qkv_kernel", lambda x: x.T.reshape(x.shape[1], 3, -1), lambda x: x.reshape(x.shape[0], -1).T)
+QKV_BIAS = Hook("qkv_bias", lambda x: x.reshape(3, -1), lambda x: x.reshape(-1))
+
+# Torch keys relative to the ``visual`` module (transformers 4.x ``visual.``, 5.x ``model.visual.``).
+VISION_TABLE = MappingTable([
+    Rule("patch_embed.proj.weight", "patch_embed.proj.kernel", CONV3D_MATMUL),
+    Rule("blocks.{i}.norm1.weight", "blocks.{i}.norm1.weight", IDENTITY),
+    Rule("blocks.{i}.norm2.weight", "blocks.{i}.norm2.weight", IDENTITY),
+    Rule("blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.kernel", QKV_KERNEL),
+    Rule("blocks.{i}.attn.qkv.bias", "blocks.{i}.attn.qkv.bias", QKV_BIAS),
+    Rule("blocks.{i}.attn.proj.weight", "blocks.{i}.attn.proj.kernel", LINEAR),
+    Rule("blocks.{i}.attn.proj.bias", "blocks.{i}.attn.proj.bias", IDENTITY),
+    *[Rule(f"blocks.{{i}}.mlp.{n}.weight", f"blocks.{{i}}.mlp.{n}.kernel", LINEAR)
+      for n in ("gate_proj", "up_proj", "down_proj")],
+    *[Rule(f"blocks.{{i}}.mlp.{n}.bias", f"blocks.{{i}}.mlp.{n}.bias", IDENTITY)
+      for n in ("gate_proj", "up_proj", "down_proj")],
+    Rule("merger.ln_q.weight", "merger.ln_q.weight", IDENTITY),
+    Rule("merger.mlp.0.weight", "merger.mlp_0.kernel", LINEAR),
+    Rule("merger.mlp.0.bias", "merger.mlp_0.bias", IDENTITY),
+    Rule("merger.mlp.2.weight", "merger.mlp_2.kernel", LINEAR),
+    Rule("merger.mlp.2.bias", "merger.mlp_2.bias", IDENTITY),
+])
+
+
+def load_vision_weights(cfg: VisionConfig, source, *, torch_prefix: str = "", options: ModelOptions = DEFAULT_OPTIONS,
+                        **load_kwargs) -> Qwen2_5_VisionTransformer:
+    """Builds the tower abstractly and fills it from ``source`` (a TensorSource).
+
+    With ``torch_prefix`` (``"visual."`` for transformers 4.x folders, ``"model.visual."`` for 5.x) keys
+    outside the prefix are skipped, so a whole Qwen2.5-VL checkpoint can be read for its tower.
+    """
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VisionTransformer(cfg, options=options, rngs=nnx.Rngs(0)))
+    table = VISION_TABLE
+    if torch_prefix:
+        table = MappingTable(VISION_TABLE.prefixed(torch_prefix, "").rules, ignore=[f"^(?!{re.escape(torch_prefix)})"])
+    return load_into_abstract(abstract, source, table, **load_kwargs)
+
 
 LAYOUTS = {"5.x": ("model.language_model.", "model.visual."), "4.x": ("model.", "visual.")}
 
@@ -76,18 +123,22 @@ def detect_layout(keys) -> str:
                           f"(4.x) keys among {len(keys)} tensors, e.g. {keys[:5]}")
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
+def load_hf_checkpoint(folder: str | os.PathLike, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None,
                        rules: sharding.Rules = sharding.DEFAULT_RULES, cfg: Qwen2_5_VLConfig | None = None,
                        progress: bool = False) -> Qwen2_5_VLForConditionalGeneration:
     """Builds the model abstractly and fills it from a Hugging Face Qwen2.5-VL folder.
 
     Reads ``config.json`` (4.x or 5.x form; or pass ``cfg``) and ``*.safetensors`` (single or sharded
-    with an index; fp32/bf16/fp16, cast to ``param_dtype``). The embedding row count is taken from the
-    checkpoint (GoT checkpoints add tokens beyond ``vocab_size``). With ``mesh`` every tensor is placed
+    with an index; fp32/bf16/fp16, cast to ``options.param_dtype``; ``options`` must have no LoRA: add
+    adapters with :func:`got_jax.models.qwen2_5_vl.lora.add_lora`). The embedding row count is taken from
+    the checkpoint (GoT checkpoints add tokens beyond ``vocab_size``). With ``mesh`` every tensor is placed
     with the sharding its logical axis names get under ``rules``. Any missing, extra or mis-shaped
     tensor raises :class:`CheckpointError` naming the key and both shapes.
     """
     folder = os.fspath(folder)
+    if options.lora_rank:
+        raise ValueError("load_hf_checkpoint loads base weights: pass options without LoRA, then add adapters "
+                         "with got_jax.models.qwen2_5_vl.lora.add_lora")
     if not os.path.isdir(folder):
         raise CheckpointError(f"not a checkpoint folder: {folder}")
     if cfg is None:
@@ -103,11 +154,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype=jnp.float32, param_dt
             raise CheckpointError(f"tensor {embed_key!r}: checkpoint shape {shape} != model shape "
                                   f"(vocab, {cfg.text.hidden_size}) (source {source.where(embed_key)})")
         cfg = cfg.with_vocab_size(shape[0])
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(
-        cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, options=options, rngs=nnx.Rngs(0)))
     shardings = None
     if mesh is not None:
         def shardings(path, var):
             return sharding.variable_sharding(var, mesh, rules)
-    return load_into_abstract(abstract, source, mapping_table(cfg, layout), param_dtype=param_dtype,
+    return load_into_abstract(abstract, source, mapping_table(cfg, layout), param_dtype=options.param_dtype,
                               shardings=shardings, progress=progress, desc="Qwen2.5-VL")

@@ -27,6 +27,7 @@ from flax import nnx
 
 from got_jax import sharding
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, RMSNorm, VisionAux, prepare_vision_inputs
 
 _INIT = nnx.initializers.normal(0.02)
@@ -125,21 +126,80 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
+def lora_a_init(n_in: int):
+    """PEFT's ``kaiming_uniform_(a=sqrt(5))`` for ``lora_A``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in over the
+    leading ``n_in`` dims of an (*in, r) array."""
+    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
+
+
 class DenseGeneral(nnx.Module):
-    """An einsum projection ``kernel`` (with optional ``bias``); ``eq`` names the dimensions."""
+    """An einsum projection ``kernel`` (with optional ``bias``); ``eq`` names the dimensions.
+
+    The kernel's leading dimensions are the contracted (input) ones, the rest the output ones. With
+    ``lora=True`` (and ``options.lora_rank = r > 0``) it also holds a PEFT-style adapter:
+    ``lora_a`` (*in, r) (``nnx.LoRAParam``, kaiming-uniform as PEFT: U(+-1/sqrt(fan_in))), ``lora_b``
+    (r, *out) zeros, and adds ``options.lora_scale * B(A(dropout(x)))`` to the output. ``lora_dropout``
+    is an ``nnx.Dropout`` drawing from the ``dropout`` stream of the ``rngs`` given at construction
+    (the ``default`` stream when there is none); it is the identity when the rate is 0 or the model is in
+    eval mode (``model.eval()``). ``A`` carries the kernel's input logical names + ``lora_rank``, ``B``
+    ``lora_rank`` + the output names. :meth:`merged_kernel` is ``kernel + scale * A @ B``.
+    """
 
     def __init__(self, eq: str, shape: tuple[int, ...], names: tuple[str, ...], bias_shape=None, bias_names=None,
-                 *, dtype, param_dtype, rngs: nnx.Rngs):
+                 *, options: ModelOptions, rngs: nnx.Rngs, lora: bool = False):
         self.eq = eq
-        self.kernel = _param(rngs, _INIT, shape, names, param_dtype)
-        self.bias = (_param(rngs, nnx.initializers.zeros, bias_shape, bias_names, param_dtype)
+        self.kernel = _param(rngs, _INIT, shape, names, options.param_dtype)
+        self.bias = (_param(rngs, nnx.initializers.zeros, bias_shape, bias_names, options.param_dtype)
                      if bias_shape is not None else nnx.data(None))
-        self.dtype = dtype
+        self.dtype = options.dtype
+        x_spec, k_spec = eq.split("->")[0].split(",")
+        self.n_in = sum(1 for c in k_spec if c in x_spec)  # contracted dims lead the kernel
+        self.lora_scale = options.lora_scale if lora else 0.0
+        if lora and options.lora_rank:
+            r, n = options.lora_rank, self.n_in
+            self.lora_a = nnx.LoRAParam(sharding.param_init(lora_a_init(n), *names[:n], "lora_rank")(
+                rngs.params(), (*shape[:n], r), options.param_dtype))
+            self.lora_b = nnx.LoRAParam(sharding.param_init(nnx.initializers.zeros, "lora_rank", *names[n:])(
+                rngs.params(), (r, *shape[n:]), options.param_dtype))
+            self.lora_dropout = (nnx.Dropout(options.lora_dropout, rngs=rngs) if options.lora_dropout > 0
+                                 else nnx.data(None))
+        else:
+            self.lora_a = self.lora_b = self.lora_dropout = nnx.data(None)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_a is not None
+
+    def _lora_eqs(self) -> tuple[str, str]:
+        lhs, out = self.eq.split("->")
+        x_spec, k_spec = lhs.split(",")
+        k_in, k_out = k_spec[:self.n_in], k_spec[self.n_in:]
+        mid = "".join(c for c in x_spec if c not in k_in) + "R"
+        return f"{x_spec},{k_in}R->{mid}", f"{mid},R{k_out}->{out}"
+
+    def lora_delta(self) -> jax.Array:
+        """``scale * A @ B`` in the kernel's shape, float32 (zero array without LoRA)."""
+        if not self.has_lora:
+            return jnp.zeros(self.kernel.shape, jnp.float32)
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        return jnp.tensordot(a, b, axes=1) * self.lora_scale
+
+    def merged_kernel(self) -> jax.Array:
+        """The base kernel with the adapter folded in (``kernel + scale * A @ B``), in the kernel's dtype."""
+        k = self.kernel[...]
+        return (k.astype(jnp.float32) + self.lora_delta()).astype(k.dtype) if self.has_lora else k
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.eq, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum(self.eq, x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.has_lora:
+            eq_a, eq_b = self._lora_eqs()
+            h = self.lora_dropout(x) if self.lora_dropout is not None else x
+            h = jnp.einsum(eq_a, h, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.einsum(eq_b, h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
 
@@ -170,15 +230,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, options: ModelOptions, rngs: nnx.Rngs):
         d, n, kv, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = DenseGeneral("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), (n, h), ("heads", "kv"), **kw)
+        kw = dict(options=options, rngs=rngs)
+        on = options.lora_on
+        self.q_proj = DenseGeneral("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), (n, h), ("heads", "kv"),
+                                   lora=on("q_proj"), **kw)
         self.k_proj = DenseGeneral("BTD,DNH->BTNH", (d, kv, h), ("embed", "kv_heads", "kv"), (kv, h),
-                                   ("kv_heads", "kv"), **kw)
+                                   ("kv_heads", "kv"), lora=on("k_proj"), **kw)
         self.v_proj = DenseGeneral("BTD,DNH->BTNH", (d, kv, h), ("embed", "kv_heads", "kv"), (kv, h),
-                                   ("kv_heads", "kv"), **kw)
-        self.o_proj = DenseGeneral("BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), **kw)
+                                   ("kv_heads", "kv"), lora=on("v_proj"), **kw)
+        self.o_proj = DenseGeneral("BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), lora=on("o_proj"), **kw)
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
         """Returns (output, (k, v)): the full cache entries (after the update) when ``cache_kv`` is given."""
@@ -195,26 +257,34 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, options: ModelOptions, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = DenseGeneral("BTD,DF->BTF", (d, f), ("embed", "mlp"), **kw)
-        self.up_proj = DenseGeneral("BTD,DF->BTF", (d, f), ("embed", "mlp"), **kw)
-        self.down_proj = DenseGeneral("BTF,FD->BTD", (f, d), ("mlp", "embed"), **kw)
+        kw = dict(options=options, rngs=rngs)
+        on = options.lora_on
+        self.gate_proj = DenseGeneral("BTD,DF->BTF", (d, f), ("embed", "mlp"), lora=on("gate_proj"), **kw)
+        self.up_proj = DenseGeneral("BTD,DF->BTF", (d, f), ("embed", "mlp"), lora=on("up_proj"), **kw)
+        self.down_proj = DenseGeneral("BTF,FD->BTD", (f, d), ("mlp", "embed"), lora=on("down_proj"), **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: TextConfig, *, options: ModelOptions, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
+        self.options = options
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+        """(output, (k, v)); without a cache the layer runs under ``options.remat`` (training)."""
+        if cache_kv is None:
+            return remat_call(self.options, lambda m, *a: m.forward(*a), self, x, cos, sin, mask)
+        return self.forward(x, cos, sin, mask, cache_kv, index)
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, index=None):
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -224,11 +294,12 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embedding, decoder layers and the final norm (transformers' ``Qwen2_5_VLTextModel``)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: TextConfig, *, options: ModelOptions, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.cfg = cfg
-        self.dtype = dtype
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        self.dtype = options.dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=options.dtype,
+                                      param_dtype=options.param_dtype,
                                       embedding_init=sharding.param_init(_INIT, "vocab", "embed"), rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -265,12 +336,17 @@ class ModelOutput:
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
-    """Qwen2.5-VL: vision tower (``visual``, absent when the config has none), language model, LM head."""
+    """Qwen2.5-VL: vision tower (``visual``, absent when the config has none), language model, LM head.
 
-    def __init__(self, cfg: Qwen2_5_VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ``options`` (:class:`~got_jax.models.options.ModelOptions`) sets dtypes, remat of the decoder layers
+    and vision blocks, and the LoRA adapters on the decoder projections.
+    """
+
+    def __init__(self, cfg: Qwen2_5_VLConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.cfg = cfg
-        self.dtype = dtype
+        self.options = options
+        self.dtype = options.dtype
         self.visual = Qwen2_5_VisionTransformer(cfg.vision, **kw) if cfg.vision is not None else nnx.data(None)
         self.language_model = TextModel(cfg.text, **kw)
         t = cfg.text

@@ -14,14 +14,13 @@ patch count to a fixed bucket so ``jit`` sees few shapes; padded patches form th
 their outputs are zeros.
 
 Torch checkpoint names (relative to the ``visual`` module) map onto this module through
-:data:`VISION_TABLE`; the transformers 4.x (``visual.*``) and 5.x (``model.visual.*``) layouts only
-differ by that prefix.
+:data:`got_jax.models.qwen2_5_vl.checkpoint.VISION_TABLE`; the transformers 4.x (``visual.*``) and 5.x
+(``model.visual.*``) layouts only differ by that prefix.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping
 
 import flax.struct
@@ -31,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from got_jax import sharding
-from got_jax.checkpoint import IDENTITY, LINEAR, Hook, MappingTable, Rule, load_into_abstract
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -284,11 +283,11 @@ class Linear(nnx.Module):
     """``x @ kernel + bias`` with a kernel of any rank (in, *out) and logical names per dim."""
 
     def __init__(self, in_features: int, out_shape: tuple[int, ...], names: tuple[str | None, ...],
-                 bias_names: tuple[str | None, ...] | None, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, _INIT, (in_features, *out_shape), names, param_dtype)
-        self.bias = (_param(rngs, nnx.initializers.zeros, out_shape, bias_names, param_dtype)
+                 bias_names: tuple[str | None, ...] | None, *, options: ModelOptions, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, _INIT, (in_features, *out_shape), names, options.param_dtype)
+        self.bias = (_param(rngs, nnx.initializers.zeros, out_shape, bias_names, options.param_dtype)
                      if bias_names is not None else nnx.data(None))
-        self.dtype = dtype
+        self.dtype = options.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel[...].astype(self.dtype)
@@ -301,10 +300,10 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """transformers' Qwen2RMSNorm: normalise in float32, cast back, then scale by ``weight``."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.weight = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+    def __init__(self, dim: int, eps: float, *, options: ModelOptions, rngs: nnx.Rngs):
+        self.weight = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), options.param_dtype)
         self.eps = eps
-        self.dtype = dtype
+        self.dtype = options.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -326,11 +325,12 @@ class PatchEmbed(nnx.Module):
     so flattening its first four dims matches the flattened pixel patch.
     """
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, options: ModelOptions, rngs: nnx.Rngs):
         shape = (cfg.in_chans, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size, cfg.hidden_size)
         self.proj = _Kernel(_param(rngs, _INIT, shape,
-                                   ("conv_in", "conv_spatial", "conv_spatial", "conv_spatial", "embed"), param_dtype))
-        self.dtype = dtype
+                                   ("conv_in", "conv_spatial", "conv_spatial", "conv_spatial", "embed"),
+                                   options.param_dtype))
+        self.dtype = options.dtype
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         k = self.proj.kernel[...]
@@ -363,14 +363,14 @@ class VisionAttention(nnx.Module):
     Linear with the q/k/v split made explicit so ``heads`` shards along head boundaries.
     """
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, options: ModelOptions, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(options=options, rngs=rngs)
         self.qkv = Linear(d, (3, d), ("embed", None, "heads"), (None, "heads"), **kw)
         self.proj = Linear(d, (d,), ("heads", "embed"), ("embed",), **kw)
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.dtype = dtype
+        self.dtype = options.dtype
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                  chunk: int | None) -> jax.Array:
@@ -419,9 +419,9 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
 class VisionMLP(nnx.Module):
     """SwiGLU-style MLP with biases: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, options: ModelOptions, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(options=options, rngs=rngs)
         self.gate_proj = Linear(d, (f,), ("embed", "mlp"), ("mlp",), **kw)
         self.up_proj = Linear(d, (f,), ("embed", "mlp"), ("mlp",), **kw)
         self.down_proj = Linear(f, (d,), ("mlp", "embed"), ("embed",), **kw)
@@ -435,14 +435,19 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, *, options: ModelOptions, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attn = VisionAttention(cfg, **kw)
         self.mlp = VisionMLP(cfg, **kw)
+        self.options = options
 
     def __call__(self, x, cos, sin, segments, chunk):
+        """Runs under ``options.remat`` (``chunk`` is static)."""
+        return remat_call(self.options, lambda m, *a: m.forward(*a, chunk), self, x, cos, sin, segments)
+
+    def forward(self, x, cos, sin, segments, chunk):
         x = x + self.attn(self.norm1(x), cos, sin, segments, chunk)
         return x + self.mlp(self.norm2(x))
 
@@ -453,8 +458,8 @@ class PatchMerger(nnx.Module):
     ``mlp_0`` / ``mlp_2`` are torch's ``mlp.0`` / ``mlp.2`` (``mlp.1`` is the parameter-free GELU).
     """
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, *, options: ModelOptions, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         wide = cfg.hidden_size * cfg.merge_unit
         self.ln_q = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp_0 = Linear(wide, (wide,), ("embed", "mlp"), ("mlp",), **kw)
@@ -469,10 +474,10 @@ class PatchMerger(nnx.Module):
 class Qwen2_5_VisionTransformer(nnx.Module):
     """The Qwen2.5-VL vision tower: flattened pixel patches -> merged image features for the LLM."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.cfg = cfg
-        self.dtype = dtype
+        self.dtype = options.dtype
         self.patch_embed = PatchEmbed(cfg, **kw)
         self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
@@ -514,49 +519,3 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         out = self.merger(x)[aux.reverse_index]
         out = jnp.where(aux.valid[:, None], out, jnp.zeros((), out.dtype))
         return out[: rows // u]
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint mapping
-# --------------------------------------------------------------------------------------------------
-
-# torch Conv3d (O, I, t, p, p) <-> ours (I, t, p, p, O)
-CONV3D_MATMUL = Hook("conv3d_matmul", lambda x: x.transpose(1, 2, 3, 4, 0), lambda x: x.transpose(4, 0, 1, 2, 3))
-# torch fused qkv Linear (3*D, D) <-> ours (D, 3, D); bias (3*D,) <-> (3, D)
-QKV_KERNEL = Hook("qkv_kernel", lambda x: x.T.reshape(x.shape[1], 3, -1), lambda x: x.reshape(x.shape[0], -1).T)
-QKV_BIAS = Hook("qkv_bias", lambda x: x.reshape(3, -1), lambda x: x.reshape(-1))
-
-# Torch keys relative to the ``visual`` module (transformers 4.x ``visual.``, 5.x ``model.visual.``).
-VISION_TABLE = MappingTable([
-    Rule("patch_embed.proj.weight", "patch_embed.proj.kernel", CONV3D_MATMUL),
-    Rule("blocks.{i}.norm1.weight", "blocks.{i}.norm1.weight", IDENTITY),
-    Rule("blocks.{i}.norm2.weight", "blocks.{i}.norm2.weight", IDENTITY),
-    Rule("blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.kernel", QKV_KERNEL),
-    Rule("blocks.{i}.attn.qkv.bias", "blocks.{i}.attn.qkv.bias", QKV_BIAS),
-    Rule("blocks.{i}.attn.proj.weight", "blocks.{i}.attn.proj.kernel", LINEAR),
-    Rule("blocks.{i}.attn.proj.bias", "blocks.{i}.attn.proj.bias", IDENTITY),
-    *[Rule(f"blocks.{{i}}.mlp.{n}.weight", f"blocks.{{i}}.mlp.{n}.kernel", LINEAR)
-      for n in ("gate_proj", "up_proj", "down_proj")],
-    *[Rule(f"blocks.{{i}}.mlp.{n}.bias", f"blocks.{{i}}.mlp.{n}.bias", IDENTITY)
-      for n in ("gate_proj", "up_proj", "down_proj")],
-    Rule("merger.ln_q.weight", "merger.ln_q.weight", IDENTITY),
-    Rule("merger.mlp.0.weight", "merger.mlp_0.kernel", LINEAR),
-    Rule("merger.mlp.0.bias", "merger.mlp_0.bias", IDENTITY),
-    Rule("merger.mlp.2.weight", "merger.mlp_2.kernel", LINEAR),
-    Rule("merger.mlp.2.bias", "merger.mlp_2.bias", IDENTITY),
-])
-
-
-def load_vision_weights(cfg: VisionConfig, source, *, torch_prefix: str = "", dtype=jnp.float32,
-                        param_dtype=jnp.float32, **load_kwargs) -> Qwen2_5_VisionTransformer:
-    """Builds the tower abstractly and fills it from ``source`` (a TensorSource).
-
-    With ``torch_prefix`` (``"visual."`` for transformers 4.x folders, ``"model.visual."`` for 5.x) keys
-    outside the prefix are skipped, so a whole Qwen2.5-VL checkpoint can be read for its tower.
-    """
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VisionTransformer(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                                rngs=nnx.Rngs(0)))
-    table = VISION_TABLE
-    if torch_prefix:
-        table = MappingTable(VISION_TABLE.prefixed(torch_prefix, "").rules, ignore=[f"^(?!{re.escape(torch_prefix)})"])
-    return load_into_abstract(abstract, source, table, **load_kwargs)

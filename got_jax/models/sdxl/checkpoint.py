@@ -20,6 +20,7 @@ from flax import nnx
 from got_jax import sharding
 from got_jax.checkpoint import CONV2D, IDENTITY, LINEAR, CheckpointError, MappingTable, Rule, load_into_abstract
 from got_jax.checkpoint import open_tensor_folder
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.sdxl.config import UNetConfig, VAEConfig
 from got_jax.models.sdxl.unet import UNet2DConditionModel
 from got_jax.models.sdxl.vae import AutoencoderKL
@@ -93,12 +94,11 @@ def _read_config(folder: str) -> dict:
 
 
 def load_diffusers_checkpoint(folder: str | os.PathLike, kind: str = "unet", *, variant: str | None = None,
-                              dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                              rules: sharding.Rules = sharding.DEFAULT_RULES, attention_impl: str = "xla",
-                              progress: bool = False):
+                              options: ModelOptions = DEFAULT_OPTIONS, mesh=None,
+                              rules: sharding.Rules = sharding.DEFAULT_RULES, progress: bool = False):
     """Builds a ``UNet2DConditionModel`` (``kind="unet"``) or ``AutoencoderKL`` (``kind="vae"``) abstractly
     and fills it from a diffusers folder (``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``,
-    single or sharded). Tensors are cast to ``param_dtype``; with ``mesh`` each one is placed by its logical
+    single or sharded), built with ``options``. Tensors are cast to ``options.param_dtype``; with ``mesh`` each one is placed by its logical
     axis names under ``rules``. Any missing / extra / mis-shaped tensor raises :class:`CheckpointError`.
     """
     folder = os.fspath(folder)
@@ -108,12 +108,11 @@ def load_diffusers_checkpoint(folder: str | os.PathLike, kind: str = "unet", *, 
     try:
         if kind == "unet":
             cfg = UNetConfig.from_diffusers(d)
-            build = lambda: UNet2DConditionModel(cfg, attention_impl=attention_impl, dtype=dtype,  # noqa: E731
-                                                 param_dtype=param_dtype, rngs=nnx.Rngs(0))
+            build = lambda: UNet2DConditionModel(cfg, options=options, rngs=nnx.Rngs(0))  # noqa: E731
             table = unet_table()
         elif kind == "vae":
             cfg = VAEConfig.from_diffusers(d)
-            build = lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))  # noqa: E731
+            build = lambda: AutoencoderKL(cfg, options=options, rngs=nnx.Rngs(0))  # noqa: E731
             table = vae_table()
         else:
             raise CheckpointError(f"unknown checkpoint kind {kind!r}; use 'unet' or 'vae'")
@@ -127,5 +126,5 @@ def load_diffusers_checkpoint(folder: str | os.PathLike, kind: str = "unet", *, 
     if mesh is not None:
         def shardings(path, var):
             return sharding.variable_sharding(var, mesh, rules)
-    return load_into_abstract(abstract, source, table, param_dtype=param_dtype, shardings=shardings,
+    return load_into_abstract(abstract, source, table, param_dtype=options.param_dtype, shardings=shardings,
                               progress=progress, desc=f"SDXL {kind}")

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -99,13 +100,14 @@ class Conv(nnx.Module):
     """A 2D convolution over NHWC with 'same'-style symmetric ``padding`` and a bias."""
 
     def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None, *,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         self.kernel = nnx.Param(sharding.param_init(_init.lecun_normal(), "conv_spatial", "conv_spatial", "conv_in",
-                                                    "conv_out")(rngs.params(), (k, k, cin, cout), param_dtype))
-        self.bias = nnx.Param(sharding.param_init(_init.zeros, "conv_out")(rngs.params(), (cout,), param_dtype))
+                                                    "conv_out")(rngs.params(), (k, k, cin, cout), options.param_dtype))
+        self.bias = nnx.Param(sharding.param_init(_init.zeros, "conv_out")(rngs.params(), (cout,),
+                                                                           options.param_dtype))
         self.stride = stride
         self.padding = k // 2 if padding is None else padding
-        self.dtype = dtype
+        self.dtype = options.dtype
 
     def __call__(self, x, padding=None):
         pad = self.padding if padding is None else padding
@@ -120,12 +122,13 @@ class Linear(nnx.Module):
     """``x @ kernel (+ bias)`` with logical axis names ``names`` on the kernel."""
 
     def __init__(self, din: int, dout: int, *, bias: bool = True, names=("embed", "mlp"),
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         self.kernel = nnx.Param(sharding.param_init(_init.lecun_normal(), *names)(rngs.params(), (din, dout),
-                                                                                 param_dtype))
-        self.bias = (nnx.Param(sharding.param_init(_init.zeros, names[1])(rngs.params(), (dout,), param_dtype))
+                                                                                 options.param_dtype))
+        self.bias = (nnx.Param(sharding.param_init(_init.zeros, names[1])(rngs.params(), (dout,),
+                                                                           options.param_dtype))
                      if bias else None)
-        self.dtype = dtype
+        self.dtype = options.dtype
 
     def __call__(self, x):
         y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
@@ -135,13 +138,14 @@ class Linear(nnx.Module):
 class GroupNorm(nnx.Module):
     """torch ``GroupNorm`` over the last (channel) axis of an NHWC or (B, T, C) tensor, computed in float32."""
 
-    def __init__(self, groups: int, channels: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+    def __init__(self, groups: int, channels: int, eps: float, *, options: ModelOptions = DEFAULT_OPTIONS,
                  rngs: nnx.Rngs):
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels do not divide into {groups} groups")
-        self.weight = nnx.Param(sharding.param_init(_init.ones, "norm")(rngs.params(), (channels,), param_dtype))
-        self.bias = nnx.Param(sharding.param_init(_init.zeros, "norm")(rngs.params(), (channels,), param_dtype))
-        self.groups, self.eps, self.dtype = groups, eps, dtype
+        pd = options.param_dtype
+        self.weight = nnx.Param(sharding.param_init(_init.ones, "norm")(rngs.params(), (channels,), pd))
+        self.bias = nnx.Param(sharding.param_init(_init.zeros, "norm")(rngs.params(), (channels,), pd))
+        self.groups, self.eps, self.dtype = groups, eps, options.dtype
 
     def __call__(self, x):
         # Per-channel reductions first, then per group (XLA:CPU reduces a contiguous channel axis much faster
@@ -164,10 +168,10 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """torch ``LayerNorm`` (affine) over the last axis, computed in float32."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.weight = nnx.Param(sharding.param_init(_init.ones, "norm")(rngs.params(), (dim,), param_dtype))
-        self.bias = nnx.Param(sharding.param_init(_init.zeros, "norm")(rngs.params(), (dim,), param_dtype))
-        self.eps, self.dtype = eps, dtype
+    def __init__(self, dim: int, eps: float = 1e-5, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        self.weight = nnx.Param(sharding.param_init(_init.ones, "norm")(rngs.params(), (dim,), options.param_dtype))
+        self.bias = nnx.Param(sharding.param_init(_init.zeros, "norm")(rngs.params(), (dim,), options.param_dtype))
+        self.eps, self.dtype = eps, options.dtype
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -194,8 +198,8 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift
 class TimestepEmbedding(nnx.Module):
     """``linear_1 -> silu -> linear_2`` (diffusers ``TimestepEmbedding``)."""
 
-    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, din: int, dout: int, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.linear_1 = Linear(din, dout, names=("embed", "mlp"), **kw)
         self.linear_2 = Linear(dout, dout, names=("mlp", "embed"), **kw)
 
@@ -207,8 +211,8 @@ class ResnetBlock2D(nnx.Module):
     """diffusers ``ResnetBlock2D`` (default time-embedding shift, silu, optional 1x1 shortcut)."""
 
     def __init__(self, cin: int, cout: int, temb_channels: int | None, groups: int, eps: float,
-                 output_scale_factor: float = 1.0, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 output_scale_factor: float = 1.0, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.norm1 = GroupNorm(groups, cin, eps, **kw)
         self.conv1 = Conv(cin, cout, 3, **kw)
         self.time_emb_proj = (Linear(temb_channels, cout, names=("embed", "conv_out"), **kw)
@@ -217,8 +221,15 @@ class ResnetBlock2D(nnx.Module):
         self.conv2 = Conv(cout, cout, 3, **kw)
         self.conv_shortcut = Conv(cin, cout, 1, **kw) if cin != cout else None
         self.output_scale_factor = output_scale_factor
+        self.options = options
 
     def __call__(self, x, temb=None):
+        """Runs under ``options.remat``."""
+        if temb is None:
+            return remat_call(self.options, lambda m, a: m.forward(a), self, x)
+        return remat_call(self.options, lambda m, a, t: m.forward(a, t), self, x, temb)
+
+    def forward(self, x, temb=None):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
@@ -232,10 +243,9 @@ class ResnetBlock2D(nnx.Module):
 class Downsample2D(nnx.Module):
     """Stride-2 3x3 conv; ``padding=0`` pads (0, 1) on bottom/right first, as diffusers' VAE does."""
 
-    def __init__(self, channels: int, padding: int = 1, *, dtype=jnp.float32, param_dtype=jnp.float32,
+    def __init__(self, channels: int, padding: int = 1, *, options: ModelOptions = DEFAULT_OPTIONS,
                  rngs: nnx.Rngs):
-        self.conv = Conv(channels, channels, 3, stride=2, padding=padding, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+        self.conv = Conv(channels, channels, 3, stride=2, padding=padding, options=options, rngs=rngs)
         self.pad = padding
 
     def __call__(self, x):
@@ -247,8 +257,8 @@ class Downsample2D(nnx.Module):
 class Upsample2D(nnx.Module):
     """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
 
-    def __init__(self, channels: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.conv = Conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, channels: int, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, 3, options=options, rngs=rngs)
 
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -259,17 +269,17 @@ class Attention(nnx.Module):
     """diffusers ``Attention`` with ``to_q/to_k/to_v`` (bias optional) and ``to_out.0``; (B, T, C) in and out."""
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, *, qkv_bias: bool = False,
-                 attention_impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"attention width {dim} does not divide into {heads} heads")
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(options=options, rngs=rngs)
         kv_dim = kv_dim or dim
         self.to_q = Linear(dim, dim, bias=qkv_bias, names=("embed", "heads"), **kw)
         self.to_k = Linear(kv_dim, dim, bias=qkv_bias, names=("embed", "heads"), **kw)
         self.to_v = Linear(kv_dim, dim, bias=qkv_bias, names=("embed", "heads"), **kw)
         self.to_out = nnx.List([Linear(dim, dim, names=("heads", "embed"), **kw)])
         self.heads = heads
-        self.attention_impl = attention_impl
+        self.attention_impl = options.attention_impl
 
     def __call__(self, x, context=None):
         context = x if context is None else context
@@ -285,8 +295,8 @@ class Attention(nnx.Module):
 class GEGLU(nnx.Module):
     """``proj`` to 2x width, ``hidden * gelu(gate)`` (exact gelu)."""
 
-    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.proj = Linear(din, dout * 2, names=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, din: int, dout: int, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        self.proj = Linear(din, dout * 2, names=("embed", "mlp"), options=options, rngs=rngs)
 
     def __call__(self, x):
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -296,8 +306,8 @@ class GEGLU(nnx.Module):
 class FeedForward(nnx.Module):
     """GEGLU feed-forward: torch ``net.0.proj`` -> ``geglu.proj``, ``net.2`` -> ``out``."""
 
-    def __init__(self, dim: int, mult: int = 4, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, dim: int, mult: int = 4, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.geglu = GEGLU(dim, dim * mult, **kw)
         self.out = Linear(dim * mult, dim, names=("mlp", "embed"), **kw)
 
@@ -308,13 +318,13 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
     """Self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm with a residual."""
 
-    def __init__(self, dim: int, heads: int, cross_dim: int, *, attention_impl: str = "xla", dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, dim: int, heads: int, cross_dim: int, *, options: ModelOptions = DEFAULT_OPTIONS,
+                 rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.norm1 = LayerNorm(dim, **kw)
-        self.attn1 = Attention(dim, heads, attention_impl=attention_impl, **kw)
+        self.attn1 = Attention(dim, heads, **kw)
         self.norm2 = LayerNorm(dim, **kw)
-        self.attn2 = Attention(dim, heads, cross_dim, attention_impl=attention_impl, **kw)
+        self.attn2 = Attention(dim, heads, cross_dim, **kw)
         self.norm3 = LayerNorm(dim, **kw)
         self.ff = FeedForward(dim, **kw)
 
@@ -328,16 +338,21 @@ class Transformer2DModel(nnx.Module):
     """GroupNorm (eps 1e-6) -> linear ``proj_in`` -> transformer blocks -> linear ``proj_out`` + residual."""
 
     def __init__(self, channels: int, heads: int, layers: int, cross_dim: int, groups: int, *,
-                 attention_impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(options=options, rngs=rngs)
         self.norm = GroupNorm(groups, channels, 1e-6, **kw)
         self.proj_in = Linear(channels, channels, names=("embed", "mlp"), **kw)
         self.transformer_blocks = nnx.List([BasicTransformerBlock(channels, heads, cross_dim,
-                                                                  attention_impl=attention_impl, **kw)
+                                                                  **kw)
                                             for _ in range(layers)])
         self.proj_out = Linear(channels, channels, names=("mlp", "embed"), **kw)
+        self.options = options
 
     def __call__(self, x, context):
+        """Runs under ``options.remat``."""
+        return remat_call(self.options, lambda m, a, c: m.forward(a, c), self, x, context)
+
+    def forward(self, x, context):
         b, h, w, c = x.shape
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
         y = sharding.constrain(y, "activation_batch", "activation_length", None)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.sdxl.config import UNetConfig
 from got_jax.models.sdxl.layers import (Conv, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
                                         KeyStream, Transformer2DModel, Upsample2D, timestep_embedding)
@@ -26,14 +27,14 @@ class _Block(nnx.Module):
     """A down or up block: resnets, optional cross-attention transformers, optional resampler."""
 
     def __init__(self, cfg: UNetConfig, ins: list[int], cout: int, i_cfg: int, attn: bool, resample: str | None, *,
-                 attention_impl, kw):
+                 kw):
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nnx.List([ResnetBlock2D(c, cout, cfg.time_embed_dim, g, eps, cfg.resnet_out_scale_factor, **kw)
                                  for c in ins])
         self.attentions = (nnx.List([Transformer2DModel(cout, cfg.num_attention_heads[i_cfg],
                                                         cfg.transformer_layers_per_block[i_cfg],
-                                                        cfg.cross_attention_dim, g, attention_impl=attention_impl,
-                                                        **kw) for _ in ins]) if attn else None)
+                                                        cfg.cross_attention_dim, g, **kw)
+                                     for _ in ins]) if attn else None)
         self.downsamplers = (nnx.List([Downsample2D(cout, cfg.downsample_padding, **kw)])
                              if resample == "down" else None)
         self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if resample == "up" else None
@@ -42,13 +43,13 @@ class _Block(nnx.Module):
 class UNetMidBlock2DCrossAttn(nnx.Module):
     """resnet, then (transformer, resnet) pairs."""
 
-    def __init__(self, cfg: UNetConfig, *, attention_impl, kw):
+    def __init__(self, cfg: UNetConfig, *, kw):
         c, g, eps = cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nnx.List([ResnetBlock2D(c, c, cfg.time_embed_dim, g, eps, cfg.mid_block_scale_factor, **kw)
                                  for _ in range(2)])
         self.attentions = nnx.List([Transformer2DModel(c, cfg.num_attention_heads[-1],
                                                        cfg.transformer_layers_per_block[-1], cfg.cross_attention_dim,
-                                                       g, attention_impl=attention_impl, **kw)])
+                                                       g, **kw)])
 
     def __call__(self, x, temb, context):
         x = self.resnets[0](x, temb)
@@ -57,13 +58,15 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
 
 class UNet2DConditionModel(nnx.Module):
-    """The SDXL UNet (see module docstring for the call convention)."""
+    """The SDXL UNet (see module docstring for the call convention).
 
-    def __init__(self, cfg: UNetConfig, *, attention_impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    ``options``: dtypes, attention kernel, and remat of every resnet and transformer block.
+    """
+
+    def __init__(self, cfg: UNetConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeyStream(rngs))
+        self.dtype = options.dtype
+        kw = dict(options=options, rngs=KeyStream(rngs))
         boc, n, L = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
         self.conv_in = Conv(cfg.in_channels, boc[0], cfg.conv_in_kernel, **kw)
         self.time_embedding = TimestepEmbedding(boc[0], cfg.time_embed_dim, **kw)
@@ -74,9 +77,9 @@ class UNet2DConditionModel(nnx.Module):
         for i, t in enumerate(cfg.down_block_types):
             cin, cout = cout, boc[i]
             down.append(_Block(cfg, [cin] + [cout] * (L - 1), cout, i, t.startswith("CrossAttn"),
-                               "down" if i < n - 1 else None, attention_impl=attention_impl, kw=kw))
+                               "down" if i < n - 1 else None, kw=kw))
         self.down_blocks = nnx.List(down)
-        self.mid_block = UNetMidBlock2DCrossAttn(cfg, attention_impl=attention_impl, kw=kw)
+        self.mid_block = UNetMidBlock2DCrossAttn(cfg, kw=kw)
         up = []
         rboc = list(reversed(boc))
         cout = rboc[0]
@@ -84,7 +87,7 @@ class UNet2DConditionModel(nnx.Module):
             prev, cout, cin = cout, rboc[i], rboc[min(i + 1, n - 1)]
             ins = [(prev if j == 0 else cout) + (cin if j == L else cout) for j in range(L + 1)]
             up.append(_Block(cfg, ins, cout, n - 1 - i, t.startswith("CrossAttn"), "up" if i < n - 1 else None,
-                             attention_impl=attention_impl, kw=kw))
+                             kw=kw))
         self.up_blocks = nnx.List(up)
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, boc[0], cfg.norm_eps, **kw)
         self.conv_out = Conv(boc[0], cfg.out_channels, cfg.conv_out_kernel, **kw)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.sdxl.config import VAEConfig
 from got_jax.models.sdxl.layers import (Conv, Downsample2D, GroupNorm, KeyStream, Linear, ResnetBlock2D,
                                         Upsample2D, get_attention)
@@ -49,8 +50,8 @@ class DiagonalGaussian:
 class VAEAttention(nnx.Module):
     """Single-head spatial self-attention with ``group_norm`` and a residual (VAE mid block)."""
 
-    def __init__(self, c: int, groups: int, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, c: int, groups: int, *, options: ModelOptions, rngs):
+        kw = dict(options=options, rngs=rngs)
         self.group_norm = GroupNorm(groups, c, _EPS, **kw)
         self.to_q = Linear(c, c, names=("embed", "heads"), **kw)
         self.to_k = Linear(c, c, names=("embed", "heads"), **kw)
@@ -138,9 +139,10 @@ class Decoder(nnx.Module):
 class AutoencoderKL(nnx.Module):
     """Encoder + decoder + quant convs; ``encode`` / ``decode`` / ``tiled_decode`` (see module docstring)."""
 
-    def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: VAEConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         self.cfg = cfg
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeyStream(rngs))
+        # the VAE is frozen (never differentiated): its resnet blocks run without remat whatever the options
+        kw = dict(options=options.replace(remat="none"), rngs=KeyStream(rngs))
         self.encoder = Encoder(cfg, kw=kw)
         self.decoder = Decoder(cfg, kw=kw)
         lc = cfg.latent_channels

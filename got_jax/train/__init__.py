@@ -1,0 +1,1 @@
+"""Training: the trainable filter, losses, batch preparation and the sharded train step."""
