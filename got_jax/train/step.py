@@ -213,8 +213,8 @@ class TrainStep:
             draws = draws_for(k_draw, prepared, model, self.schedule, self.loss_cfg)
         gdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
-        def micro_loss(p, r, mb, d, i):  # ``r`` passed in (not closed over): its RNG streams are mutated here
-            m = nnx.merge(gdef, p, r)
+        def micro_loss(p, r, mb, d, i):
+            m = nnx.merge(gdef, p, r, copy=True)  # fresh variables: the RNG streams (LoRA dropout) change here
             _reseed_dropout(m, jax.random.fold_in(k_drop, i))
             return self.loss_fn(m, mb["inputs"], mb["images"], d, self.schedule, self.loss_cfg)
 
