@@ -33,8 +33,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "samp
 _CKPT = flags.DEFINE_string("ckpt", None, "Converted GoT folder (convert/got_checkpoint.py output).")
 _DEMO = flags.DEFINE_bool("demo", False, "Use a tiny random-weight GoT (no weights needed; output is noise).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption (T2I) or instruction (with --image); repeatable.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")
-_IMAGE = flags.DEFINE_multi_string("image", [], "Source image per prompt for editing (repeat in prompt order).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line (output NNNNN is line "
+                                    "NNNNN+1; blank lines are an error).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Source image per prompt for editing (repeat in prompt order); the "
+                                   "edited image is resized back to the source's aspect ratio.")
 _GOT_TEXT = flags.DEFINE_multi_string("got_text", [], "Interactive: a GoT plan per prompt to paint instead of sampling.")
 _GOT_TEXT_FILE = flags.DEFINE_multi_string("got_text_file", [], "Interactive: a file holding one prompt's GoT plan "
                                            "(e.g. an edited NNNNN_got.txt); repeat in prompt order.")
@@ -43,11 +45,19 @@ _OUTDIR = flags.DEFINE_string("outdir", "out", "Output folder.")
 
 
 def _lines(path: str) -> list[str]:
+    """One prompt per line; output ``NNNNN`` is line ``NNNNN + 1``, so blank lines inside are an error."""
     try:
         with open(path) as f:
-            return [ln.rstrip("\n") for ln in f if ln.strip()]
+            lines = [ln.rstrip("\r\n") for ln in f]
     except OSError as e:
         raise app.UsageError(f"cannot read {path}: {e}") from None
+    while lines and not lines[-1].strip():  # trailing blank lines end the file
+        lines.pop()
+    blank = [n + 1 for n, ln in enumerate(lines) if not ln.strip()]
+    if blank:
+        raise app.UsageError(f"{path}: line(s) {blank[:5]} are blank; outputs are numbered by line, so remove the "
+                             f"blank lines (or put a prompt on them)")
+    return lines
 
 
 def _read(path: str) -> str:
@@ -58,16 +68,59 @@ def _read(path: str) -> str:
         raise app.UsageError(f"cannot read {path}: {e}") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode of a new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _open_images(paths: list[str]):
+    """Reads every --image before any model is loaded (a bad path fails in seconds, not after loading)."""
+    from PIL import Image  # noqa: PLC0415
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise app.UsageError(f"--image {p}: cannot read image file ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _check_config(cfg, paint: bool) -> None:
+    """Cheap checks of the sampling config, before the model loads or any chain is generated."""
+    from got_jax.diffusion.schedulers import make_scheduler  # noqa: PLC0415
+    from got_jax.got.demo import SDXL_SCHEDULER  # noqa: PLC0415
+
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise app.UsageError(f"--config.dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
+    if not paint:  # --only_return_got: no diffusion settings are used
+        return
+    if int(cfg.num_inference_steps) < 1:
+        raise app.UsageError(f"--config.num_inference_steps={cfg.num_inference_steps}: must be >= 1")
+    try:
+        make_scheduler(cfg.scheduler, dict(SDXL_SCHEDULER), int(cfg.num_inference_steps))
+    except ValueError as e:
+        raise app.UsageError(f"--config.scheduler={cfg.scheduler!r}: {e}") from None
+    for name in ("height", "width"):
+        v = int(getattr(cfg, name))
+        if v <= 0 or v % 32:
+            raise app.UsageError(f"--config.{name}={v}: must be a positive multiple of 32 (VAE factor 8 x "
+                                 f"UNet down-sampling 4)")
 
 
 def _grid(images):
@@ -115,6 +168,8 @@ def main(argv):
     plans = list(_GOT_TEXT.value) + [_read(p) for p in _GOT_TEXT_FILE.value]
     if plans and len(plans) != len(prompts):
         raise app.UsageError(f"{len(plans)} GoT texts for {len(prompts)} prompts")
+    _check_config(cfg, paint=not _ONLY_GOT.value)
+    images = _open_images(images)
 
     mesh = sharding.make_mesh(tuple(cfg.mesh_shape)) if len(cfg.mesh_shape) else None
     dtype = jnp.dtype(cfg.dtype)
@@ -138,8 +193,15 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     bs = max(1, int(cfg.batch_size))
     finals = []
-    print(f"{len(prompts)} prompt(s) on {jax.device_count()} {jax.default_backend()} device(s); "
-          f"{cfg.height}x{cfg.width}, {cfg.num_inference_steps} {cfg.scheduler} steps")
+    where = f"{len(prompts)} prompt(s) on {jax.device_count()} {jax.default_backend()} device(s), {cfg.dtype} compute"
+    if _ONLY_GOT.value:
+        print(f"{where}; reasoning chains only (--only_return_got: nothing is painted)")
+    else:
+        print(f"{where}; {cfg.height}x{cfg.width}, {cfg.num_inference_steps} {cfg.scheduler} steps"
+              + ("; edited images are resized back to each source's aspect ratio" if images else ""))
+    if cfg.dtype != "float32":
+        print(f"note: {cfg.dtype} compute; --config.dtype=float32 reproduces the released PyTorch numbers "
+              f"(chains in {cfg.dtype} can differ)")
     for start in tqdm(range(0, len(prompts), bs), desc="sampling", unit="batch"):
         idx = list(range(start, min(start + bs, len(prompts))))
         res = pipe([prompts[i] for i in idx], images=[images[i] for i in idx] if images else None,

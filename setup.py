@@ -5,7 +5,9 @@ setuptools.setup(
     name="got_jax",
     version="0.1.0",
     description="GoT (Generation Chain-of-Thought) reimplemented in JAX/Flax NNX for TPU.",
-    packages=setuptools.find_packages(include=["got_jax", "got_jax.*"]),
+    # configs/ is installed too, so `from configs.data_got import ...` and sample.py's configs work from any
+    # directory; the converters are got_jax.convert.* (convert/*.py in the repository are thin scripts).
+    packages=setuptools.find_packages(include=["got_jax", "got_jax.*", "configs"]),
     package_data={"got_jax": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.11",
@@ -32,7 +34,18 @@ setuptools.setup(
         "tqdm",
         "absl-py",
     ],
+    entry_points={
+        "console_scripts": [
+            "got-jax-convert-got=got_jax.convert.got_checkpoint:main",
+            "got-jax-convert-qwen=got_jax.convert.qwen2_5_vl:main",
+            "got-jax-convert-sdxl=got_jax.convert.sdxl:main",
+            "got-jax-export-pytorch=got_jax.convert.export_pytorch:main",
+        ],
+    },
     extras_require={
+        # reading GoT-6B's pytorch_model*.bin pickles (and writing --format got_bin) needs torch;
+        # safetensors folders (Qwen2.5-VL, SDXL) convert without it
+        "convert": ["torch"],
         "test": [
             "pytest",
             "torch==2.13.0",

@@ -2,6 +2,11 @@
 
     from configs.data_got import generation_config, editing_config
     cfg = generation_config(shard_index=jax.process_index(), shard_count=jax.process_count())
+
+``worker_count`` defaults to 0 (decoding in the main process, with threads), which works in any script.
+Grain worker processes (``generation_config(worker_count=8)``, for more throughput at 1024 px)
+are started with ``spawn``: each re-imports the main script, so the code that builds and iterates the
+pipeline must then sit under ``if __name__ == "__main__":`` (without it the workers fail at start-up).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ BUCKETS_1024 = (
 )
 
 _COMMON = dict(buckets=BUCKETS_1024, max_boxes=8, num_query_tokens=64, reasoner_size=448, reasoner_max_patches=1024,
-               cond_dropout_prob=0.05, worker_count=8, worker_buffer_size=2, max_bad_fraction=0.05)
+               cond_dropout_prob=0.05, worker_count=0, worker_buffer_size=2, max_bad_fraction=0.05)
 
 
 def generation_config(**overrides) -> PipelineConfig:

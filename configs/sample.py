@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.temperature = 0.0  # 0 = greedy chains
     c.max_rounds = 1  # > 1: multi-turn (the reasoner may feed its image back)
     c.batch_size = 4  # prompts per call (one UNet batch of 4 x batch_size per step)
-    c.dtype = "bfloat16"  # compute dtype (float32 reproduces the PyTorch numbers); parameters keep the checkpoint's dtype
+    # compute dtype; parameters keep the checkpoint's dtype. float32 reproduces the released PyTorch GoT-6B
+    # numbers; bfloat16 (the default: half the memory traffic) can give chains that differ from them.
+    c.dtype = "bfloat16"
     c.mesh_shape = ()  # (data, fsdp, tensor), e.g. (1, -1, 1); () = one device
     c.max_boxes = 32
     return c

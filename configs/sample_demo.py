@@ -1,6 +1,15 @@
 """Defaults of ``python sample.py --demo``: the tiny random-weight GoT (got_jax/got/demo.py) on CPU."""
 
-from configs import sample
+try:
+    from configs import sample  # installed (pip install -e .) or run from the repository root
+except ImportError:  # loaded by path (--config=/path/to/configs/sample_demo.py) from elsewhere
+    import importlib.util
+    import os
+
+    _spec = importlib.util.spec_from_file_location(
+        "_got_jax_sample_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py"))
+    sample = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sample)
 
 
 def get_config():

@@ -143,7 +143,7 @@ def unet_inputs(in_channels: int, seed: int = 1) -> dict:
     g = np.random.default_rng(seed)
     return dict(sample=g.standard_normal((1, 8, 8, in_channels)).astype(np.float32), t=np.array([17], np.int64),
                 ctx=g.standard_normal((1, 5, 20)).astype(np.float32), text=g.standard_normal((1, 7)).astype(np.float32),
-                tid=np.array([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]], np.float32))
+                tid=np.array([[1024.0, 768.0, 32.0, 96.0, 896.0, 640.0]], np.float32))  # not a palindrome
 
 
 def torch_unet_out(m, x) -> np.ndarray:
@@ -159,3 +159,119 @@ def with_params(build, pure: dict):
     graphdef, state = nnx.split(nnx.eval_shape(build))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------ stand-ins in the released layouts
+
+
+def qwen_tokenizer():
+    """A Qwen2.5-VL-style tokenizer *without* GoT's tokens: the bundled tokenizer's byte-level BPE and
+    Qwen2.5's 22 added tokens in vocabulary order, the real chat template (what Qwen2.5-VL-3B-Instruct ships)."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    from got_jax.got.tokenizer import BUNDLED_TOKENIZER_DIR, QWEN2_5_ADDED_TOKENS, QWEN2_5_VL_CHAT_TEMPLATE
+
+    with open(BUNDLED_TOKENIZER_DIR / "tokenizer.json") as f:
+        spec = json.load(f)
+    first_added = min(t["id"] for t in spec["added_tokens"])
+    vocab = {k: v for k, v in spec["model"]["vocab"].items() if v < first_added}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    for name, _ in QWEN2_5_ADDED_TOKENS:
+        vocab[name] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         unk_token=None, bos_token=None, errors="replace", model_max_length=32768)
+    for name, special in QWEN2_5_ADDED_TOKENS:
+        tok.add_tokens([AddedToken(name, special=special, normalized=False)], special_tokens=special)
+    tok.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    return tok
+
+
+# the reasoner's image processor for the stand-ins: tiny patches, few pixels (fast vision tower)
+STANDIN_PROCESSOR = dict(min_pixels=16 * 16, max_pixels=32 * 32, patch_size=4, merge_size=2, temporal_patch_size=2)
+
+
+def standin_qwen(tok, vocab: int, seed: int = 0) -> HFQwen:
+    """A random tiny Qwen2.5-VL whose special-token ids are ``tok``'s (untied head; vision and GoT query tokens
+    get near-zero head rows so greedy chains never emit them)."""
+    ids = {n: tok.convert_tokens_to_ids(n) for n in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                      "<|vision_end|>", "<|endoftext|>")}
+    torch.manual_seed(seed)
+    text = dict(QWEN_TEXT, vocab_size=vocab, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                bos_token_id=ids["<|endoftext|>"])
+    hf = HFQwen(HFQwenConfig(text_config=text, vision_config=dict(QWEN_VISION), image_token_id=ids["<|image_pad|>"],
+                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)).eval().float()
+    quiet = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_gen_end|>",
+             *(f"<|im_gen_{i:04d}|>" for i in range(64))]
+    vocab_of = tok.get_vocab()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            scale = 1.0 if ("embed_tokens" in name or "lm_head" in name) else 0.2
+            p.copy_(scale * torch.randn_like(p) + (1.0 if "norm" in name or "ln_q" in name else 0.0))
+        for t in quiet:
+            if t in vocab_of and vocab_of[t] < vocab:
+                hf.lm_head.weight[vocab_of[t]] *= 0.01
+    return hf
+
+
+def save_standins(root, *, lora_rank: int = 2) -> dict:
+    """The three released input folders, tiny, under ``root``; returns their paths.
+
+    * ``qwen/``: a Qwen2.5-VL-3B-Instruct-style folder saved by transformers (config, safetensors weights,
+      tokenizer without GoT's tokens, ``preprocessor_config.json``);
+    * ``sdxl/``: a diffusers SDXL folder whose ``unet/`` and ``vae/`` hold only the ``fp16`` variant,
+      plus ``scheduler/scheduler_config.json``;
+    * ``got/``: GoT-6B's ``pytorch_model.bin`` (``mllm.base_model.model.*`` with PEFT LoRA keys on the
+      attention / MLP projections, the embedding grown by GoT's 66 rows, projectors, a 12-channel UNet,
+      no VAE, no tokenizer, no adapter config).
+    """
+    import diffusers
+
+    root = str(root)
+    tok = qwen_tokenizer()
+    base_vocab = len(tok)
+    qdir, sdir, gdir = (os.path.join(root, n) for n in ("qwen", "sdxl", "got"))
+    qwen = standin_qwen(tok, base_vocab, seed=0)
+    qwen.save_pretrained(qdir)
+    tok.save_pretrained(qdir)
+    with open(os.path.join(qdir, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(STANDIN_PROCESSOR, image_processor_type="Qwen2VLImageProcessor"), f)
+    unet = tiny_unet(4, seed=7)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  latent_channels=4, norm_num_groups=4, sample_size=64).eval()
+    torch.manual_seed(8)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    unet.half().save_pretrained(os.path.join(sdir, "unet"), variant="fp16")
+    vae.half().save_pretrained(os.path.join(sdir, "vae"), variant="fp16")
+    os.makedirs(os.path.join(sdir, "scheduler"), exist_ok=True)
+    with open(os.path.join(sdir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER, f)
+    # GoT: the reasoner with 66 more embedding rows, LoRA on two projections, PEFT-wrapped keys
+    got = standin_qwen(tok, base_vocab + 66, seed=1)
+    rng = np.random.RandomState(3)
+    sd = {}
+    for k, v in qwen_state_4x(got).items():
+        module = k.rsplit(".", 1)[0]
+        pre = "mllm.base_model.model."
+        if module.endswith(("self_attn.q_proj", "mlp.down_proj")) and module.startswith("model.layers."):
+            leaf = k.rsplit(".", 1)[1]
+            sd[f"{pre}{module}.base_layer.{leaf}"] = v
+            if leaf == "weight":
+                sd[f"{pre}{module}.lora_A.default.weight"] = torch.from_numpy(
+                    rng.randn(lora_rank, v.shape[1]).astype(np.float32) * 0.1)
+                sd[f"{pre}{module}.lora_B.default.weight"] = torch.from_numpy(
+                    rng.randn(v.shape[0], lora_rank).astype(np.float32) * 0.1)
+        else:
+            sd[pre + k] = v
+    torch.manual_seed(4)
+    hidden = QWEN_TEXT["hidden_size"]
+    proj, pooled = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, 7)
+    for name, mod in (("output_projector.projector", proj), ("output_projector_add.projector", pooled)):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = mod.weight.detach().clone(), mod.bias.detach().clone()
+    sd |= {f"unet.{k}": v.detach().clone() for k, v in tiny_unet(12, seed=5).state_dict().items()}
+    os.makedirs(gdir, exist_ok=True)
+    torch.save(sd, os.path.join(gdir, "pytorch_model.bin"))
+    return {"qwen": qdir, "sdxl": sdir, "got": gdir, "base_vocab": base_vocab}

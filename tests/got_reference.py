@@ -12,7 +12,10 @@ torch components (transformers' Qwen2.5-VL, diffusers' UNet / VAE / DDPMSchedule
 * transformers 5.x needs ``mm_token_type_ids`` (what its processor returns) to place image tokens
   in M-RoPE; 4.x derived the same positions from the ids, so they are passed here;
 * the number of reasoning rounds is bounded (a random tiny model may never emit
-  ``<|endoftext|>``), and every intermediate is returned for inspection.
+  ``<|endoftext|>``), and every intermediate is returned for inspection;
+* ``logits_processor`` (optional) is handed to the reasoner's ``generate``: with
+  :func:`sampling_processors` the greedy decode becomes top-k / top-p / temperature sampling with
+  given Gumbel noise, the way to compare sampled chains with ours under the same draws.
 """
 
 from __future__ import annotations
@@ -50,6 +53,34 @@ def diffusion_transform(img: Image.Image, height: int, width: int) -> torch.Tens
 
 def source_transform(img: Image.Image) -> Image.Image:
     return img.resize((448, 448), Image.BICUBIC)
+
+
+def sampling_processors(temperature: float, top_k: int, top_p: float, gumbel: np.ndarray):
+    """transformers' own logits warpers (temperature, then top-k, then top-p, the order its ``generate``
+    applies them when sampling) followed by adding ``gumbel[i]`` (steps, batch, vocab) at generated token
+    ``i`` (counted from the first call: one ``generate`` call per list), so a greedy ``generate`` with
+    these processors draws ``argmax(warped + gumbel)``, a sample of the warped distribution with the given
+    noise (the Gumbel-max trick ``jax.random.categorical`` uses)."""
+    from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    class AddGumbel(LogitsProcessor):
+        start = None
+
+        def __call__(self, input_ids, scores):
+            if self.start is None:
+                self.start = input_ids.shape[1]
+            step = input_ids.shape[1] - self.start
+            if step >= len(gumbel):
+                raise ValueError(f"no Gumbel noise for generated token {step} (have {len(gumbel)})")
+            return scores + torch.from_numpy(np.asarray(gumbel[step], np.float32)).to(scores.dtype)
+
+    procs = [TemperatureLogitsWarper(temperature)]
+    if top_k > 0:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList(procs + [AddGumbel()])
 
 
 def released_layout_canvases(cot_text: str, height: int, width: int) -> list[Image.Image]:
@@ -99,7 +130,7 @@ class TorchGoT:
     def generate(self, text_input, image=None, *, max_new_tokens=32, num_inference_steps=4, guidance_scale=7.5,
                  image_guidance_scale=1.0, cond_image_guidance_scale=4.0, height=64, width=64, input_token_num=256,
                  crops_coords_top_left=(0, 0), prompt_type="t2i", random_seed=42, got_input=None,
-                 only_return_got=False, max_rounds=1):
+                 only_return_got=False, max_rounds=1, logits_processor=None):
         from diffusers.schedulers import scheduling_ddpm
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -151,7 +182,8 @@ class TorchGoT:
             if got_input is None:
                 out = self.mllm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                          max_new_tokens=max_new_tokens, **vis, **self._mm_types(input_ids, vis),
-                                         return_dict_in_generate=True, stopping_criteria=stopping, do_sample=False)
+                                         return_dict_in_generate=True, stopping_criteria=stopping, do_sample=False,
+                                         logits_processor=logits_processor)
                 input_ids = out["sequences"]
             else:
                 input_ids = torch.tensor(tok.encode(got_input)).unsqueeze(0)

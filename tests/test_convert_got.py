@@ -9,25 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from convert_helpers import (SCHEDULER, check_close, jax_qwen, qwen_logits, qwen_state_4x, save_qwen, save_sdxl,
-                             tiny_qwen, tiny_unet, tiny_vae, torch_unet_out, unet_inputs, with_params)
+from convert_helpers import (SCHEDULER, check_close, jax_qwen, qwen_logits, qwen_state_4x, qwen_tokenizer, save_qwen,
+                             save_sdxl, tiny_qwen, tiny_unet, tiny_vae, torch_unet_out, unet_inputs, with_params)
 from flax import nnx
 
-from convert import export_pytorch, got_checkpoint
+from got_jax.convert import export_pytorch, got_checkpoint
 from got_jax.checkpoint import CheckpointError, open_tensor_folder
 from got_jax.got.checkpoint import load_got_checkpoint
 from got_jax.got.model import make_projector
+from got_jax.got.tokenizer import BUNDLED_TOKENIZER_DIR, GOT_TOKENS, got_token_ids, load_tokenizer
 from got_jax.models.sdxl import UNet2DConditionModel, UNetConfig
 
 LORA_SCALE = 2.0  # adapter config r=2, alpha=4
 LORA_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+QWEN_VOCAB = len(qwen_tokenizer())  # the stand-in Qwen2.5-VL tokenizer: BPE + Qwen2.5's 22 added tokens
+ROWS = QWEN_VOCAB + 66  # GoT's embedding: Qwen's vocabulary + the 66 GoT tokens
 
 
-def build_inputs(tmp_path, sharded: bool, peft_prefix: bool):
+def build_inputs(tmp_path, sharded: bool, peft_prefix: bool, rows: int = ROWS):
     """Writes qwen/, sdxl/ and got/ folders; returns the PyTorch reference pieces."""
     qwen = tiny_qwen(tied=True)                     # the base Qwen folder: 61 rows in its config
     save_qwen(qwen, tmp_path / "qwen", "4.x")
-    got = tiny_qwen(tied=True, seed=1, vocab=66)    # GoT's reasoner: 5 added token rows
+    qwen_tokenizer().save_pretrained(str(tmp_path / "qwen"))  # Qwen2.5-VL's tokenizer: no GoT tokens
+    got = tiny_qwen(tied=True, seed=1, vocab=rows)  # GoT's reasoner: the embedding holds the added tokens
     base = qwen_state_4x(got)
     rng = np.random.RandomState(3)
     sd, merged = {}, {}
@@ -71,7 +75,6 @@ def build_inputs(tmp_path, sharded: bool, peft_prefix: bool):
     else:
         torch.save(sd, gdir / "pytorch_model.bin")
     (gdir / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
-    (gdir / "tokenizer_config.json").write_text(json.dumps({"added": 5}))  # GoT's own tokenizer wins
     vae = tiny_vae(seed=6)
     save_sdxl(tmp_path / "sdxl", tiny_unet(4, seed=7), vae)  # SDXL base: 4-channel UNet, VAE, scheduler
     return dict(got=got, proj=proj, pooled=pooled, unet=unet, vae=vae, merged=merged, sd=sd)
@@ -86,13 +89,13 @@ def _convert(tmp_path, out="out"):
 def test_convert_matches_pytorch_and_exports(tmp_path, sharded, peft_prefix):
     ref = build_inputs(tmp_path, sharded, peft_prefix)
     cfg = _convert(tmp_path)
-    assert cfg["reasoner"]["text_config"]["vocab_size"] == 66 and cfg["unet"]["in_channels"] == 12
-    assert sorted(os.listdir(tmp_path / "out" / "tokenizer")) == ["preprocessor_config.json", "tokenizer_config.json"]
-    assert json.loads((tmp_path / "out" / "tokenizer" / "tokenizer_config.json").read_text()) == {"added": 5}
+    assert cfg["reasoner"]["text_config"]["vocab_size"] == ROWS and cfg["unet"]["in_channels"] == 12
+    _check_got_tokenizer(tmp_path / "out" / "tokenizer", tmp_path / "qwen")
+    assert json.loads((tmp_path / "out" / "tokenizer" / "preprocessor_config.json").read_text()) == {"patch_size": 4}
     tree, cfg = load_got_checkpoint(str(tmp_path / "out"))
     assert list(tree) == ["reasoner", "projector", "pooled_projector", "unet", "vae"]
     assert cfg["scheduler"] == SCHEDULER and cfg["format"] == "got-jax"
-    ids = np.random.RandomState(0).randint(0, 66, (2, 7))
+    ids = np.random.RandomState(0).randint(0, ROWS, (2, 7))
     check_close(jax_qwen(cfg["reasoner"], tree["reasoner"])(ids).logits, qwen_logits(ref["got"], ids))
     h = np.random.RandomState(1).randn(3, 20).astype(np.float32)
     for name, tmod in (("projector", ref["proj"]), ("pooled_projector", ref["pooled"])):
@@ -135,6 +138,75 @@ def test_convert_matches_pytorch_and_exports(tmp_path, sharded, peft_prefix):
     for a, b in zip(*(sorted(_flat(t).items()) for t in (tree, tree2))):
         assert a[0] == b[0]
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def _check_got_tokenizer(folder, qwen_dir):
+    """Qwen's tokenizer (same ids for its tokens) plus GoT's 66 tokens in the released order right after."""
+    tok, base = load_tokenizer(folder), load_tokenizer(qwen_dir)
+    assert [tok.convert_tokens_to_ids(t) for t in GOT_TOKENS] == list(range(QWEN_VOCAB, QWEN_VOCAB + 66))
+    assert {k: v for k, v in tok.get_vocab().items() if k not in GOT_TOKENS} == base.get_vocab()
+    assert got_token_ids(tok).query[-1] == ROWS - 1
+    text = "two red circles<|im_gen_start|><|im_gen_0000|>"
+    assert tok(text)["input_ids"][-2:] == [QWEN_VOCAB, QWEN_VOCAB + 2]  # whole tokens, not split into bytes
+
+
+def test_tokenizer_shipped_with_got_wins(tmp_path):
+    """A GoT folder that ships its tokenizer (already holding the GoT tokens) gives the converted one."""
+    build_inputs(tmp_path, sharded=False, peft_prefix=False)
+    own = load_tokenizer(BUNDLED_TOKENIZER_DIR)  # Qwen2.5's and GoT's tokens, ids 466.. and 488..553
+    own.model_max_length = 777
+    own.save_pretrained(str(tmp_path / "got" / "tokenizer"))
+    _convert(tmp_path)
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    assert tok.model_max_length == 777 and tok.get_vocab() == own.get_vocab()
+
+
+def _tokenizer_case(tmp_path, kind):
+    if kind == "rows":  # the tokenizer's GoT tokens would land past the checkpoint's embedding
+        build_inputs(tmp_path, sharded=False, peft_prefix=False, rows=QWEN_VOCAB + 40)
+        return rf"token '<\|im_gen_0038\|>' has id {QWEN_VOCAB + 40}, but the checkpoint's token embedding .* has only " \
+               rf"{QWEN_VOCAB + 40} rows"
+    build_inputs(tmp_path, sharded=False, peft_prefix=False)
+    if kind == "partial":
+        tok = qwen_tokenizer()
+        tok.add_tokens(["<|im_gen_start|>", "<|im_gen_end|>"], special_tokens=True)
+        tok.save_pretrained(str(tmp_path / "qwen"))
+        return r"has 2 of GoT's 66 tokens but lacks \['<\|im_gen_0000\|>'"
+    if kind == "none":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            os.remove(tmp_path / "qwen" / name)
+        return r"no tokenizer found .* pass --qwen_dir"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["rows", "partial", "none"])
+def test_tokenizer_errors_write_nothing(tmp_path, kind):
+    pattern = _tokenizer_case(tmp_path, kind)
+    with pytest.raises(CheckpointError, match=pattern):
+        _convert(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["got", "qwen", "sdxl"]
+
+
+def test_existing_out_fails_before_any_work(tmp_path, capsys):
+    """An existing --out is refused first (naming --overwrite), before the inputs are even looked at."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"--out .*out already exists and is not empty: .* --overwrite"):
+        got_checkpoint.convert_got(str(tmp_path / "missing"), None, None, str(tmp_path / "out"), progress=False)
+    rc = got_checkpoint.main(["--got_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert rc == 1 and "--overwrite" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_converted_folder_mode_follows_umask(tmp_path):
+    build_inputs(tmp_path, sharded=False, peft_prefix=False)
+    old = os.umask(0o022)
+    try:
+        _convert(tmp_path)
+    finally:
+        os.umask(old)
+    for d in ("out", "out/params", "out/tokenizer"):
+        assert oct((tmp_path / d).stat().st_mode & 0o777) == oct(0o755), d  # not mkdtemp's 0700
 
 
 def _flat(tree, prefix=""):

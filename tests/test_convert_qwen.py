@@ -9,7 +9,7 @@ import torch
 from convert_helpers import (assert_state_dicts_equal, check_close, jax_qwen, qwen_logits, save_qwen, tiny_qwen)
 from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen
 
-from convert import export_pytorch, qwen2_5_vl
+from got_jax.convert import export_pytorch, qwen2_5_vl
 from got_jax.checkpoint import CheckpointError
 from got_jax import sharding
 from got_jax.got.checkpoint import load_checkpoint, load_got_checkpoint

@@ -12,7 +12,7 @@ from convert_helpers import (SCHEDULER, assert_state_dicts_equal, check_close, s
                              torch_unet_out, unet_inputs, with_params)
 from flax import nnx
 
-from convert import export_pytorch, sdxl
+from got_jax.convert import export_pytorch, sdxl
 from got_jax.checkpoint import CheckpointError
 from got_jax.got.checkpoint import load_got_checkpoint
 from got_jax.models.sdxl import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig

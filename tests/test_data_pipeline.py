@@ -3,7 +3,6 @@
 import dataclasses
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -73,15 +72,11 @@ def _check_tokens(tok, batch, texts_by_got):
 def test_tfds_build_roundtrip(tmp_path, tok):
     """shapes CLI output -> got_generation / got_editing ArrayRecord -> batches with exact content."""
     src = shapes.write_shapes(tmp_path / "shapes", size=64, num_generation=8, num_editing=4, seed=0)
-    for name, ann in (("gen", "generation.jsonl"), ("edit", "editing.jsonl")):
-        (tmp_path / name / "annotations").mkdir(parents=True)
-        shutil.copy(src / ann, tmp_path / name / "annotations" / ann)
-        shutil.copytree(src / "images", tmp_path / name / "images")
-    tfds_builders.build("got_generation", "shapes", str(tmp_path / "gen"), str(tmp_path / "tfds"))
-    tfds_builders.build("got_editing", "shapes_edit", str(tmp_path / "edit"), str(tmp_path / "tfds"))
+    tfds_builders.build("got_generation", "shapes", str(src), str(tmp_path / "tfds"))  # the shapes folder as written
+    tfds_builders.build("got_editing", "shapes_edit", str(src), str(tmp_path / "tfds"))
     assert list((tmp_path / "tfds" / "got_generation" / "shapes" / "1.0.0").glob("*.array_record-*"))
 
-    gen = {r.got: r for r in records.read_records(src / "generation.jsonl", "shapes")}
+    gen = {r.got: r for r in records.read_records(src / "annotations" / "generation.jsonl", "shapes", src)}
     source = P.tfds_source("got_generation", "shapes", str(tmp_path / "tfds"))
     assert len(source) == 8
     it = iter(P.make_dataset(source, P.PipelineConfig(**GEN, num_epochs=1), tok))
@@ -100,7 +95,7 @@ def test_tfds_build_roundtrip(tmp_path, tok):
             np.testing.assert_array_equal(batch["time_ids"][b], [64, 64, 0, 0, 64, 64])
     assert seen == set(gen)
 
-    edit = {r.got: r for r in records.read_records(src / "editing.jsonl", "shapes_edit")}
+    edit = {r.got: r for r in records.read_records(src / "annotations" / "editing.jsonl", "shapes_edit", src)}
     source = P.tfds_source("got_editing", "shapes_edit", str(tmp_path / "tfds"))
     batch = next(iter(P.make_dataset(source, P.PipelineConfig(**EDIT, num_epochs=1), tok)))
     proc = T.make_image_processor(min_pixels=448 * 448, max_pixels=448 * 448)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from got_reference import diffusion_transform, released_layout_canvases
+
 from got_jax.got.layout import draw_overlay, layout_grid, render_layout_canvases, save_layout_grid, to_model_range
 from got_jax.got.text import Box, parse_got
 
@@ -50,17 +52,20 @@ def test_edge_boxes_equal_pil():
 
 
 def test_no_box_and_max_boxes():
-    black = render_layout_canvases(parse_got("no boxes <|box_start|>(1,2),(3,4)<|box_end|>"), 16, 24)
-    assert black.shape == (1, 16, 24, 3) and not black.any()
+    text = "no boxes <|box_start|>(1,2),(3,4)<|box_end|>"
+    black = render_layout_canvases(parse_got(text), 16, 24)
+    np.testing.assert_array_equal(black, np.stack([np.asarray(c) for c in released_layout_canvases(text, 16, 24)]))
     with pytest.raises(ValueError, match="3 coloured boxes, more than max_boxes=2"):
         render_layout_canvases([Box(0, 0, 10, 10, color="red")] * 3, 8, 8, max_boxes=2)
 
 
-def test_to_model_range():
-    canvases = render_layout_canvases([Box(0, 0, 500, 500, color="red")], 8, 8)
+def test_to_model_range_equals_released_transform():
+    canvases = render_layout_canvases([Box(0, 0, 500, 700, color="orange"), Box(100, 300, 900, 600, color="pink")],
+                                      8, 12)
     x = to_model_range(canvases)
-    assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
-    np.testing.assert_allclose(x, canvases.astype(np.float64) / 255 * 2 - 1, atol=1e-6)
+    want = np.stack([diffusion_transform(Image.fromarray(c), 8, 12).numpy().transpose(1, 2, 0) for c in canvases])
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-6)
 
 
 def test_overlay_and_grid(tmp_path):

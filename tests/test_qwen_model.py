@@ -2,10 +2,13 @@
 
 transformers 5.24's ``save_pretrained`` writes the 4.x key layout (``model.layers.*``, ``visual.*``);
 the 5.x layout (``model.language_model.*``, ``model.visual.*``) is produced by renaming keys.
-A tiny random model with odd sizes (text: hidden 60, 5 heads / 1 kv head of 12, mrope_section
-(1, 2, 3), mlp 83, 3 layers, vocab 211; vision: patches of 4 px, windows of 2x2 merged tokens so a
-12x8-patch image has 6 windows, full attention in block 1) is saved with ``save_pretrained`` and loaded by ``load_hf_checkpoint``. Every comparison is float32 at highest matmul precision
-with ``max abs err <= 1e-4 * max(1, max |reference|)`` over the compared (non-padding) positions.
+A tiny random model with odd sizes (text: hidden 72, 6 query heads in 2 key/value groups of 3, head 12,
+mrope_section (1, 2, 3), rope_theta 1e6 as the released 3B, mlp 83, 3 layers, vocab 211; vision: patches
+of 4 px, windows of 2x2 merged tokens so a 12x8-patch image has 6 windows, full attention in block 1,
+rotary theta 1000) is saved with ``save_pretrained`` and loaded by ``load_hf_checkpoint``. Every image
+has a non-square grid (h != w), so swapped height / width positions cannot hide. Every comparison is
+float32 at highest matmul precision with ``max abs err <= 1e-4 * max(1, max |reference|)`` over the
+compared (non-padding) positions.
 """
 
 import json
@@ -28,12 +31,13 @@ from got_jax.models.qwen2_5_vl.vision import prepare_vision_inputs
 REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "reference")
 
 IMG, VID, VSTART, VEND = 200, 201, 198, 199  # tiny-config special ids (the code reads them from config.json)
-TEXT = dict(vocab_size=211, hidden_size=60, intermediate_size=83, num_hidden_layers=3, num_attention_heads=5,
-            num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [1, 2, 3]}, rope_theta=10000.0,
+# 2 key/value heads shared by 3 query heads each: query head i must read kv head i // 3 (not i % 2)
+TEXT = dict(vocab_size=211, hidden_size=72, intermediate_size=83, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 2, 3]}, rope_theta=1e6,
             rms_norm_eps=1e-6, initializer_range=0.2)
-VISION = dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=60,
+VISION = dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=72,
               fullatt_block_indexes=[1], window_size=16, patch_size=4, temporal_patch_size=2, spatial_merge_size=2,
-              initializer_range=0.2)
+              initializer_range=0.2, rope_parameters={"rope_type": "axial", "rope_theta": 1000.0})
 
 
 def hf_config(tied: bool) -> HFConfig:
@@ -161,7 +165,7 @@ def test_two_images_and_padded_batch(tied):
     hf, path = tied
     assert (path / "model.safetensors.index.json").exists()  # sharded checkpoint with an index
     model = load_hf_checkpoint(path)
-    pv, grid = image_inputs([(48, 32), (24, 40), (32, 32)])
+    pv, grid = image_inputs([(48, 32), (24, 40), (32, 56)])
     row0 = [3] + image_span(grid[0]) + [4, 5] + image_span(grid[1]) + [6]  # two images in one sequence
     row1 = [7, 8] + image_span(grid[2]) + [9, 10, 11]
     t = max(len(row0), len(row1))
@@ -261,8 +265,8 @@ def test_bad_checkpoints(untied, tmp_path):
     key = "model.layers.1.self_attn.k_proj.weight"
     for name, edit, pattern in [
             ("missing", lambda t: t.pop(key), r"missing tensor for 'language_model\.layers\.1\.self_attn\.k_proj\.kernel'"),
-            ("shape", lambda t: t.__setitem__(key, np.zeros((24, 60), np.float32)),
-             r"k_proj\.weight'.*\(24, 60\).*\(60, 1, 12\)"),
+            ("shape", lambda t: t.__setitem__(key, np.zeros((12, 72), np.float32)),
+             r"k_proj\.weight'.*\(12, 72\).*\(72, 2, 12\)"),
             ("extra", lambda t: t.__setitem__("model.bogus.weight", np.zeros(3, np.float32)),
              r"unexpected tensor 'model\.bogus\.weight'")]:
         bad = dict(tensors)

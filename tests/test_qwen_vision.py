@@ -1,8 +1,9 @@
 """Qwen2.5-VL vision tower: parity with transformers' Qwen2_5_VisionTransformerPretrainedModel.
 
 A tiny random tower with odd sizes (hidden 48, 3 heads of 16, mlp 37, out 29, depth 4 with full
-attention in blocks 1 and 3, windows of 3x3 merged tokens so image edges give ragged windows) is saved
-with ``save_pretrained`` and loaded through ``VISION_TABLE``. All comparisons are float32 at highest
+attention in blocks 1 and 3, windows of 3x3 merged tokens so image edges give ragged windows, rotary
+theta 1000 instead of the default 10000) is saved with ``save_pretrained`` and loaded through
+``VISION_TABLE``. Every image grid is non-square (h != w). All comparisons are float32 at highest
 matmul precision with ``max abs err <= 1e-4 * max(1, max |reference|)``.
 """
 
@@ -31,7 +32,7 @@ REFERENCE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..
 
 TINY = dict(depth=4, hidden_size=48, num_heads=3, intermediate_size=37, out_hidden_size=29, window_size=84,
             fullatt_block_indexes=[1, 3], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-            in_channels=3, hidden_act="silu")
+            in_channels=3, hidden_act="silu", rope_parameters={"rope_type": "axial", "rope_theta": 1000.0})
 
 
 _encode = nnx.jit(lambda m, pixel_values, aux: m(pixel_values, aux))  # one compile per input shape
@@ -102,7 +103,7 @@ def test_config_from_hf_both_layouts_and_full_size_shapes():
     assert (out.shape, out.dtype) == ((384, 2048), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("grid", [[[1, 14, 20]], [[1, 12, 12], [2, 8, 6], [1, 2, 26]]])
+@pytest.mark.parametrize("grid", [[[1, 14, 20]], [[1, 12, 10], [2, 8, 6], [1, 2, 26]]])
 def test_host_precomputation_matches_transformers(grid):
     cfg = VisionConfig.from_hf(TINY)
     g = torch.tensor(grid)
@@ -198,7 +199,7 @@ def test_jit_reuses_the_padded_bucket(tiny):
 
     bucket = 256
     rng = np.random.RandomState(3)
-    for grid in (np.array([[1, 14, 16]]), np.array([[1, 8, 10], [1, 6, 6]])):
+    for grid in (np.array([[1, 14, 16]]), np.array([[1, 8, 10], [1, 4, 8]])):
         n = int(np.prod(grid, 1).sum())
         pv = rng.randn(n, cfg.patch_dim).astype(np.float32)
         aux = prepare_vision_inputs(grid, cfg, pad_to=bucket)

@@ -28,3 +28,36 @@ def test_sample_demo_writes_images_chains_and_layouts(tmp_path):
     # overlay tile, 2 px gap, then the painted canvas of the single box: orange at its centre
     assert layout.shape == (64, 64 * 2 + 2, 3)
     assert layout[35, 66 + 25].tolist() == [255, 165, 0]
+
+
+def _sample(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_unknown_scheduler_fails_before_any_model_work(tmp_path):
+    """Checked before the demo model is built or any chain is generated (it used to fail after reasoning)."""
+    r = _sample(["--demo", "--prompt", "a cat", "--outdir", str(tmp_path / "o"), "--config.scheduler=ddpmm"], tmp_path)
+    assert r.returncode != 0 and "--config.scheduler='ddpmm': unknown scheduler 'ddpmm'" in r.stderr, r.stderr[-2000:]
+    assert "random-weight" not in r.stdout and not (tmp_path / "o").exists()
+
+
+def test_bad_size_fails_before_any_model_work(tmp_path):
+    r = _sample(["--demo", "--prompt", "a cat", "--outdir", str(tmp_path / "o"), "--config.height=100"], tmp_path)
+    assert r.returncode != 0 and "--config.height=100: must be a positive multiple of 32" in r.stderr
+    assert "random-weight" not in r.stdout
+
+
+def test_unreadable_image_fails_before_the_model_loads(tmp_path):
+    """A bad --image is reported before --ckpt is even opened (here the checkpoint does not exist)."""
+    (tmp_path / "photo.jpg").write_bytes(b"not a jpeg")
+    r = _sample(["--ckpt", str(tmp_path / "no-ckpt"), "--prompt", "make it blue", "--image", "photo.jpg",
+                 "--outdir", "o"], tmp_path)
+    assert r.returncode != 0 and "--image photo.jpg: cannot read image file" in r.stderr, r.stderr[-2000:]
+
+
+def test_blank_prompt_lines_are_an_error_not_renumbered(tmp_path):
+    """Output NNNNN is line NNNNN+1 of the file: a blank line inside would shift every later output."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n\n")
+    r = _sample(["--ckpt", str(tmp_path / "no-ckpt"), "--prompts_file", "prompts.txt", "--outdir", "o"], tmp_path)
+    assert r.returncode != 0 and "prompts.txt: line(s) [2] are blank" in r.stderr, r.stderr[-2000:]

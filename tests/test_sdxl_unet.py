@@ -48,7 +48,12 @@ def inputs(b=2, h=16, w=16, seed=1):
     return dict(sample=g.standard_normal((b, h, w, 12)).astype(np.float32),
                 t=np.array([999, 17], np.int64)[:b], ctx=g.standard_normal((b, 7, 32)).astype(np.float32),
                 text=g.standard_normal((b, 20)).astype(np.float32),
-                tid=np.tile(np.array([64., 64., 0., 0., 64., 64.], np.float32), (b, 1)))
+                tid=TIME_IDS[:b])
+
+
+# SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w): no row is a palindrome
+# and rows differ, so reading the six values in another order (or another row's) changes the output
+TIME_IDS = np.array([[1024., 768., 32., 96., 896., 640.], [512., 832., 64., 0., 448., 704.]], np.float32)
 
 
 def torch_out(m, x):

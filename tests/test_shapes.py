@@ -1,6 +1,7 @@
 """Synthetic GoT shapes dataset: exact boxes, all GenEval task types, editing pairs, CLI format."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -80,12 +81,28 @@ def test_deterministic_and_seed_dependent():
 
 def test_cli_writes_reader_format(tmp_path):
     shapes.main(["--out", str(tmp_path), "--size", "32", "--num-generation", "6", "--num-editing", "4", "--seed", "2"])
-    gen = list(records.read_records(tmp_path / "generation.jsonl", "shapes"))
-    edit = list(records.read_records(tmp_path / "editing.jsonl", "shapes_edit"))
+    ann = tmp_path / "annotations"
+    gen = list(records.read_records(ann / "generation.jsonl", "shapes", tmp_path))
+    edit = list(records.read_records(ann / "editing.jsonl", "shapes_edit", tmp_path))
     assert len(gen) == 6 and len(edit) == 4
     for i, r in enumerate(gen):
         ex = shapes.generation_example(2, i, 32)
         assert (r.id, r.caption, r.got) == (ex["id"], ex["caption"], ex["got"])
         import io
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.image))), ex["image"])
-    assert json.loads((tmp_path / "editing.jsonl").read_text().splitlines()[0])["instruction"] == edit[0].instruction
+    assert json.loads((ann / "editing.jsonl").read_text().splitlines()[0])["instruction"] == edit[0].instruction
+
+
+def test_cli_output_builds_as_written(tmp_path, capsys):
+    """``shapes --out D`` is the ``--manual_dir D`` of both builders, unchanged (the README's chain)."""
+    from got_jax.data import build
+
+    old = os.umask(0o022)
+    try:
+        shapes.main(["--out", str(tmp_path / "d"), "--size", "32", "--num-generation", "5", "--num-editing", "3"])
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "d" / "annotations" / "generation.jsonl").st_mode & 0o777) == oct(0o644)
+    for name, config, n in (("got_generation", "shapes", 5), ("got_editing", "shapes_edit", 3)):
+        build.main([name, "--config", config, "--manual_dir", str(tmp_path / "d"), "--data_dir", str(tmp_path / "t")])
+        assert f"{n} examples" in capsys.readouterr().out

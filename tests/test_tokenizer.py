@@ -56,6 +56,15 @@ def test_missing_token_is_named():
         got_token_ids(base)
 
 
+def test_missing_got_tokens_say_how_to_fix():
+    """A plain Qwen2.5-VL tokenizer (GoT's tokens missing): the error names the converter to rerun."""
+    from convert_helpers import qwen_tokenizer  # tests/ is on the path (pytest's rootdir-relative imports)
+
+    with pytest.raises(TokenizerError, match=r"has no token '<\|im_gen_start\|>': GoT's 66 tokens are missing.*"
+                                             r"python -m got_jax\.convert\.got_checkpoint .*--overwrite"):
+        got_token_ids(qwen_tokenizer())
+
+
 def test_got_text_round_trip_keeps_special_tokens_single(tok):
     text = ("Plan: <|object_ref_start|>a red apple<|object_ref_end|><|box_start|>(10,20),(300,400)<|box_end|> (red)"
             " and <|object_ref_start|>a cup<|object_ref_end|><|box_start|>(500,100),(900,950)<|box_end|> (blue)"

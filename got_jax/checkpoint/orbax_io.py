@@ -75,6 +75,9 @@ def atomic_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the usual mode of a new folder
     try:
         yield tmp
         if os.path.isdir(path):

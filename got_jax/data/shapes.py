@@ -7,10 +7,13 @@ painted layout and the object's pixels coincide. Objects never overlap (one per 
 
 Captions cover GenEval's six task types (single object, two objects, counting, colours, position,
 colour attribution). Editing pairs (recolour, move, add, remove) carry a numbered editing plan.
-Everything is deterministic from a seed. ``write_shapes`` stores the data as JSONL annotations plus
-PNG files, the format :mod:`got_jax.data.records` reads (``shapes`` field mapping)::
+Everything is deterministic from a seed. ``write_shapes`` stores the data in the layout the TFDS builders
+read as their ``--manual_dir`` (``annotations/generation.jsonl``, ``annotations/editing.jsonl``,
+``images/*.png``; field mappings ``shapes`` and ``shapes_edit`` of :mod:`got_jax.data.records`)::
 
     python -m got_jax.data.shapes --out DIR --size 64 --num-generation 200 --num-editing 100 --seed 0
+    python -m got_jax.data.build got_generation --config shapes --manual_dir DIR --data_dir TFDS
+    python -m got_jax.data.build got_editing --config shapes_edit --manual_dir DIR --data_dir TFDS
 """
 
 from __future__ import annotations
@@ -235,14 +238,26 @@ def editing_example(seed: int, index: int, size: int) -> dict:
     }
 
 
+ANNOTATIONS = "annotations"  # the folder the TFDS builders read (got_jax.data.tfds_builders)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_png(path: Path, img: np.ndarray) -> None:
     Image.fromarray(img).save(path, format="PNG")
 
 
 def write_shapes(out: str | os.PathLike, *, size: int = 64, num_generation: int = 60, num_editing: int = 20, seed: int = 0) -> Path:
-    """Write ``generation.jsonl`` / ``editing.jsonl`` + ``images/*.png`` under ``out`` (atomically per file)."""
+    """Write ``annotations/generation.jsonl`` / ``annotations/editing.jsonl`` + ``images/*.png`` under ``out``
+    (atomically per file): a ``--manual_dir`` for ``got_generation --config shapes`` and ``got_editing --config
+    shapes_edit`` as written."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / ANNOTATIONS).mkdir(parents=True, exist_ok=True)
     for name, n, fn in (("generation", num_generation, generation_example), ("editing", num_editing, editing_example)):
         lines = []
         for i in range(n):
@@ -258,23 +273,26 @@ def write_shapes(out: str | os.PathLike, *, size: int = 64, num_generation: int 
                     rec[key] = f"images/{ex['id']}_{key.split('_')[0]}.png"
                     _write_png(out / rec[key], ex[key])
             lines.append(json.dumps(rec))
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=out / ANNOTATIONS, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + ("\n" if lines else ""))
-        os.replace(tmp, out / f"{name}.jsonl")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.replace(tmp, out / ANNOTATIONS / f"{name}.jsonl")
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write (the --manual_dir of got_jax.data.build)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--num-generation", type=int, default=60)
     p.add_argument("--num-editing", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     path = write_shapes(a.out, size=a.size, num_generation=a.num_generation, num_editing=a.num_editing, seed=a.seed)
-    print(f"wrote {a.num_generation} generation and {a.num_editing} editing examples to {path}")
+    print(f"wrote {a.num_generation} generation and {a.num_editing} editing examples to {path}; build them with\n"
+          f"  python -m got_jax.data.build got_generation --config shapes --manual_dir {path} --data_dir TFDS_DIR\n"
+          f"  python -m got_jax.data.build got_editing --config shapes_edit --manual_dir {path} --data_dir TFDS_DIR")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ No downloads: everything is read from ``manual_dir``, laid out as::
       <image paths as named in the rows, relative to manual_dir>
       image_table/*.parquet                      # only for configs with join_images (OmniEdit-GoT)
 
-One builder config per source dataset picks the :data:`got_jax.data.records.MAPPINGS` entry.
+One builder config per source dataset picks the :data:`got_jax.data.records.MAPPINGS` entry. The synthetic
+shapes set (``python -m got_jax.data.shapes --out DIR``) writes both kinds into one such folder:
+``--config shapes`` reads ``annotations/generation*`` and ``--config shapes_edit`` ``annotations/editing*``
+of the same ``--manual_dir DIR``.
 Images are stored as their original encoded bytes (no re-encoding); write ArrayRecord with::
 
     python -m got_jax.data.build got_generation --config laion_aesthetics_got \
@@ -44,13 +47,19 @@ class GotBuilderConfig(tfds.core.BuilderConfig):
 
     mapping: str = "shapes"
     join_images: bool = False
+    annotations: str = "*"  # glob of the annotation files under manual_dir/annotations/
 
 
-def _annotation_files(manual_dir: Path) -> list[Path]:
+# The synthetic shapes set keeps both kinds in one folder (python -m got_jax.data.shapes --out DIR).
+_ANNOTATION_GLOBS = {"shapes": "generation*", "shapes_edit": "editing*"}
+
+
+def _annotation_files(manual_dir: Path, pattern: str = "*") -> list[Path]:
     folder = manual_dir / "annotations"
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in _ANNOTATION_SUFFIXES) if folder.is_dir() else []
+    files = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in _ANNOTATION_SUFFIXES) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"no annotation files (*.jsonl, *.json, *.parquet) under {folder}")
+        what = "*.jsonl, *.json, *.parquet" if pattern == "*" else f"{pattern} with suffix .jsonl, .json or .parquet"
+        raise FileNotFoundError(f"no annotation files ({what}) under {folder}")
     return files
 
 
@@ -64,7 +73,7 @@ def _generate(manual_dir: Path, config: GotBuilderConfig):
         image_rows = records.index_rows(tables, mapping.id)
     bad = 0
     seen: set[str] = set()
-    for path in _annotation_files(manual_dir):
+    for path in _annotation_files(manual_dir, config.annotations):
         for n, row in enumerate(records.read_rows(path)):
             where = f"{path} row {n}"
             try:
@@ -87,6 +96,7 @@ def _configs(kind: str) -> list[GotBuilderConfig]:
     for name, m in records.MAPPINGS.items():
         if m.kind == kind:
             out.append(GotBuilderConfig(name=name, mapping=name, join_images=name == "omniedit_got",
+                                        annotations=_ANNOTATION_GLOBS.get(name, "*"),
                                         description=f"{name} annotations ({kind})"))
     return out
 

@@ -109,10 +109,15 @@ class GotTokenIds:
 def _token_id(tokenizer, name: str) -> int:
     vocab = tokenizer.get_vocab()
     if name not in vocab:
-        raise TokenizerError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no token {name!r}"
-            " (is this a GoT / Qwen2.5-VL tokenizer?)"
-        )
+        where = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        if name in GOT_TOKENS:
+            fix = ("GoT's 66 tokens are missing: this is a plain Qwen2.5-VL tokenizer (a folder converted before "
+                   "the converter added them, or a --ckpt made by got_jax.convert.qwen2_5_vl). Convert the GoT-6B "
+                   "checkpoint again with `python -m got_jax.convert.got_checkpoint --got_dir ... --qwen_dir ... "
+                   "--sdxl_dir ... --out ... --overwrite`, which adds them in the released order")
+        else:
+            fix = "GoT needs Qwen2.5's special tokens: pass the tokenizer of Qwen2.5-VL (or of a converted GoT folder)"
+        raise TokenizerError(f"tokenizer {where!r} has no token {name!r}: {fix}")
     return int(vocab[name])
 
 

@@ -39,6 +39,17 @@ def require_dir(path: str | None, flag: str) -> str:
     return path
 
 
+def check_out(out: str, overwrite: bool, flag: str = "--out") -> str:
+    """Fails before any conversion work when ``out`` exists and is not empty (unless ``overwrite``)."""
+    if not out:
+        raise CheckpointError(f"{flag} is required")
+    out = os.fspath(out)
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"{flag} {out} already exists and is not empty: choose a new path, or pass "
+                              f"--overwrite to replace it")
+    return out
+
+
 def tokenizer_files(*folders: str | None) -> dict[str, str]:
     """``{file name: path}`` for the tokenizer files, each taken from the first folder that has it."""
     found: dict[str, str] = {}
@@ -85,7 +96,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty; written atomically)")
     p.add_argument("--param_dtype", default="float32", choices=DTYPES,
                    help="dtype of the stored parameters (float32 master weights; bfloat16 halves the size)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (checked before converting; without it an existing, "
+                        "non-empty --out is an error)")
     p.add_argument("--no_progress", action="store_true", help="no per-tensor progress bar")
     return p
 
