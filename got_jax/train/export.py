@@ -4,7 +4,7 @@ r"""A training run's checkpoint -> converted got-jax folder -> PyTorch (GoT-6B `
         [--config.<same overrides as the run>]
 
 writes ``OUT/got-jax`` (a converted folder with the LoRA merged into the projections: ``sample.py --ckpt``
-and ``GoTPipeline.from_pretrained`` load it), ``OUT/got_bin`` (``convert/export_pytorch.py --format got_bin``:
+and ``GoTPipeline.from_pretrained`` load it), ``OUT/got_bin`` (``got_jax.convert.export_pytorch --format got_bin``:
 ``pytorch_model.bin`` with ``mllm.*`` / ``output_projector*`` / ``unet.*`` / ``vae.*``, as GoT-6B ships) and,
 with LoRA, ``OUT/peft_adapter`` (``adapter_config.json`` + ``adapter_model.safetensors`` for
 ``peft.PeftModel.from_pretrained`` on transformers' Qwen2.5-VL). The frozen weights come from the run's
@@ -21,18 +21,11 @@ import jax
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.convert import export_pytorch
 from got_jax.train import checkpointing as ckpt
 from got_jax.train import setup
 from got_jax.train.step import TrainState, make_tx
 from got_jax.train.trainable import frozen_filter, trainable_filter
-
-
-def _exporter():
-    try:  # the converters are moving into the package
-        from got_jax.convert.export_pytorch import export  # noqa: PLC0415
-    except ImportError:
-        from convert.export_pytorch import export  # noqa: PLC0415
-    return export
 
 
 def restore_trained_model(config, workdir: str, step: int | None = None):
@@ -78,7 +71,7 @@ def export_run(config, workdir: str, out: str, *, step: int | None = None, fmt: 
         tok.save_pretrained(tmp)
         files = {n: os.path.join(tmp, n) for n in os.listdir(tmp)}
         write_checkpoint_folder(paths["got-jax"], cfg, pure_tree(merged), files)
-    _exporter()(paths["got-jax"], paths[fmt], fmt=fmt)
+    export_pytorch.export(paths["got-jax"], paths[fmt], fmt=fmt)
     if model.options.lora_rank:
         paths["peft_adapter"] = os.path.join(out, "peft_adapter")
         save_peft_adapter(model.reasoner, paths["peft_adapter"])
