@@ -171,7 +171,9 @@ def main(argv):
     _check_config(cfg, paint=not _ONLY_GOT.value)
     images = _open_images(images)
 
+    # the shardings are built once, here, from the config: mesh shape and logical-axis rules
     mesh = sharding.make_mesh(tuple(cfg.mesh_shape)) if len(cfg.mesh_shape) else None
+    rules = tuple(tuple(r) for r in cfg.rules) if mesh is not None else None
     dtype = jnp.dtype(cfg.dtype)
     if _DEMO.value:
         from got_jax.got.demo import demo_pipeline  # noqa: PLC0415
@@ -179,7 +181,7 @@ def main(argv):
         logging.warning("--demo: a tiny GoT with RANDOM weights; its chains and images are noise. Convert GoT-6B "
                         "weights (README) and pass --ckpt to sample for real.")
         print("demo: tiny random-weight GoT (no trained weights yet); chains and images are noise")
-        pipe = demo_pipeline(options=ModelOptions(dtype=dtype), mesh=mesh)
+        pipe = demo_pipeline(options=ModelOptions(dtype=dtype), mesh=mesh, rules=rules)
         pipe.max_boxes = cfg.max_boxes
     else:
         from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
@@ -187,7 +189,7 @@ def main(argv):
 
         # compute in cfg.dtype; parameters keep the checkpoint's dtype
         opts = ModelOptions(dtype=dtype, param_dtype=read_config(_CKPT.value).get("param_dtype") or "float32")
-        pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, options=opts, max_boxes=cfg.max_boxes)
+        pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, rules=rules, options=opts, max_boxes=cfg.max_boxes)
 
     out = Path(_OUTDIR.value)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ setuptools.setup(
             "torch==2.13.0",
             "diffusers",
             "hypothesis",
+            "peft",  # the PEFT LoRA reference (train step parity, adapter export)
         ],
     },
 )

@@ -6,6 +6,17 @@ Paper values for editing: guidance_scale 4.0, layout_guidance_scale 3.0, image_g
 
 import ml_collections
 
+try:
+    from configs import sharding_rules  # installed (pip install -e .) or run from the repository root
+except ImportError:  # loaded by path (--config=/path/to/configs/sample.py) from elsewhere
+    import importlib.util
+    import os
+
+    _spec = importlib.util.spec_from_file_location(
+        "_got_jax_sharding_rules", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_rules.py"))
+    sharding_rules = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sharding_rules)
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -24,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     # compute dtype; parameters keep the checkpoint's dtype. float32 reproduces the released PyTorch GoT-6B
     # numbers; bfloat16 (the default: half the memory traffic) can give chains that differ from them.
     c.dtype = "bfloat16"
-    c.mesh_shape = ()  # (data, fsdp, tensor), e.g. (1, -1, 1); () = one device
+    # sharding: (data, fsdp, tensor) mesh shape, e.g. sharding_rules.MESH_SHAPE = (1, -1, 1) (all devices on
+    # fsdp); () = one device, no mesh. ``rules`` map logical axis names to mesh axes (configs/sharding_rules.py).
+    c.mesh_shape = ()
+    c.rules = sharding_rules.RULES
     c.max_boxes = 32
     return c

@@ -8,7 +8,9 @@ This is the one module that decides how sharding works in got-jax:
 * Activations are annotated with :func:`constrain` (a no-op outside a mesh context).
 * Entry points (``train.py``, ``sample.py``, converters) build a mesh with :func:`make_mesh`
   (axes ``data``, ``fsdp``, ``tensor``; GSPMD-style ``AxisType.Auto`` axes) and map logical
-  names to mesh axes with rules from the config (:data:`DEFAULT_RULES` when none are given).
+  names to mesh axes with rules from the config (``configs/sharding_rules.py``). There are no
+  default rules in the library: every function that takes a mesh also needs the rules
+  (:func:`require_rules`).
 """
 
 from __future__ import annotations
@@ -43,26 +45,6 @@ LOGICAL_AXES = (
 )
 
 Rules = Sequence[tuple[str, Any]]
-
-# Default rules: FSDP over model width, tensor parallelism over heads / mlp / vocab,
-# activations' batch over data and fsdp.
-DEFAULT_RULES: Rules = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", None),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("conv_spatial", None),
-    ("norm", None),
-)
-
 
 def param_init(initializer: Callable, *names: str | None) -> Callable:
     """Wraps an initializer so the created ``nnx.Param`` carries logical axis ``names``.
@@ -101,7 +83,16 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] 
     return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def require_rules(where: str, mesh, rules) -> None:
+    """Raises ValueError when ``mesh`` is given without ``rules`` (``where`` names the caller)."""
+    if mesh is not None and rules is None:
+        raise ValueError(f"{where}: a mesh was given without sharding rules; pass the rules from the config "
+                         "(e.g. configs.sharding_rules.RULES)")
+
+
 def _rules_dict(rules: Rules) -> dict[str, Any]:
+    if rules is None:
+        raise ValueError("sharding rules are None; pass the rules from the config (e.g. configs.sharding_rules.RULES)")
     out = {}
     for name, axes in rules:
         if name not in LOGICAL_AXES:
@@ -110,7 +101,7 @@ def _rules_dict(rules: Rules) -> dict[str, Any]:
     return out
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None,
+def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
                     shape: Sequence[int] | None = None) -> PartitionSpec:
     """PartitionSpec for logical ``names`` under ``rules``.
 
@@ -148,7 +139,7 @@ def variable_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
     return tuple(names) if names else None
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:
     names = variable_names(var)
     shape = getattr(var.get_value() if hasattr(var, "get_value") else var.value, "shape", ())
     if names is None:
@@ -158,13 +149,13 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULE
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
     """A pytree of NamedShardings matching ``state`` (an ``nnx.State`` of Variables)."""
     return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     """Places every variable of ``model`` on ``mesh`` according to its logical names (in place)."""
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
@@ -178,7 +169,7 @@ _ACTIVE: list[tuple[Mesh, Rules]] = []
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
     """Within this context :func:`constrain` applies sharding constraints on ``mesh``."""
     _rules_dict(rules)
     _ACTIVE.append((mesh, rules))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from convert_helpers import (assert_state_dicts_equal, check_close, jax_qwen, qwen_logits, save_qwen, tiny_qwen)
 from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen
+from configs.sharding_rules import RULES
 
 from got_jax.convert import export_pytorch, qwen2_5_vl
 from got_jax.checkpoint import CheckpointError
@@ -26,10 +27,10 @@ def test_convert_load_export(tmp_path, layout, tied):
     assert list(tree) == ["reasoner"]
     # sharded restore: every array lands in the sharding of its logical axis names
     mesh = sharding.make_mesh((1, 2, 4))
-    sharded, _ = load_got_checkpoint(str(tmp_path / "jax"), mesh=mesh, dtype=jnp.bfloat16)
+    sharded, _ = load_got_checkpoint(str(tmp_path / "jax"), mesh=mesh, rules=RULES, dtype=jnp.bfloat16)
     up = sharded["reasoner"]["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert up.dtype == jnp.bfloat16 and up.sharding.mesh.shape == mesh.shape
-    assert up.sharding.spec == sharding.logical_to_spec(("embed", "mlp"), mesh=mesh, shape=up.shape)
+    assert up.sharding.spec == sharding.logical_to_spec(("embed", "mlp"), RULES, mesh=mesh, shape=up.shape)
     model = jax_qwen(cfg["reasoner"], tree["reasoner"])
     ids = np.random.RandomState(0).randint(0, 50, (2, 7))
     check_close(model(ids).logits, qwen_logits(hf, ids))

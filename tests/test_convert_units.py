@@ -9,6 +9,7 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import save_file
+from configs.sharding_rules import RULES
 
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError, TensorSource, open_tensor_folder
@@ -100,7 +101,7 @@ def test_orbax_roundtrip_sharded_and_atomic(tmp_path):
     # sharded restore from the abstract state's logical names
     mesh = sharding.make_mesh((1, 4, 2))
     abstract = nnx.state(nnx.eval_shape(lambda: _Net(nnx.Rngs(0))))
-    shards = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
+    shards = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, RULES))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     got = restore_params(str(tmp_path / "p"), {"net": nnx.to_pure_dict(abstract), "proj": tree["proj"]},
                          {"net": shards, "proj": {"kernel": rep, "bias": rep}}, dtype=jnp.bfloat16)
@@ -123,7 +124,7 @@ def test_load_checkpoint_subset(tmp_path):
     write_checkpoint_folder(str(tmp_path / "c"), {"x": 1}, {k: pure_tree(v) for k, v in nets.items()})
     builders = {k: (lambda cfg: nnx.eval_shape(lambda: _Net(nnx.Rngs(0)))) for k in nets}
     mesh = sharding.make_mesh()
-    tree, cfg = load_checkpoint(str(tmp_path / "c"), parts=builders, only=("b",), mesh=mesh)
+    tree, cfg = load_checkpoint(str(tmp_path / "c"), parts=builders, only=("b",), mesh=mesh, rules=RULES)
     assert cfg["x"] == 1 and cfg["parts"] == ["a", "b"] and list(tree) == ["b"]
     np.testing.assert_array_equal(np.asarray(tree["b"]["layers"][1]["kernel"]),
                                   np.asarray(nets["b"].layers[1].kernel[...]))

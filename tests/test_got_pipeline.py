@@ -45,6 +45,7 @@ from transformers import Qwen2_5_VLConfig as HFQwenConfig
 from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen
 
 from convert import got_checkpoint
+from configs.sharding_rules import RULES
 from got_jax.got import pipeline as gp
 from got_jax.got.text import Box, format_got
 from got_jax.got.tokenizer import BUNDLED_TOKENIZER_DIR, chat_prompt, got_token_ids, load_tokenizer
@@ -451,7 +452,7 @@ def test_sharded_pipeline_matches_single_device(got):
     from got_jax import sharding
 
     mesh = sharding.make_mesh((2, 4, 1))
-    pipe = gp.GoTPipeline.from_pretrained(str(got.folder), mesh=mesh)
+    pipe = gp.GoTPipeline.from_pretrained(str(got.folder), mesh=mesh, rules=RULES)
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(nnx.state(pipe.model)) if hasattr(leaf, "sharding")]
     assert any("fsdp" in tuple(s) for s in specs), "no parameter is sharded over fsdp"
     kw = dict(got_texts=[PLAN, None], height=SIZE, width=SIZE, num_inference_steps=2, max_new_tokens=MAX_NEW,

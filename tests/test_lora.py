@@ -18,6 +18,7 @@ import torch
 from flax import nnx
 
 from convert_helpers import check_close, qwen_logits, save_qwen, tiny_qwen
+from configs.sharding_rules import RULES
 from got_jax.checkpoint import CheckpointError
 from got_jax.models.options import ModelOptions
 from got_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, load_hf_checkpoint
@@ -230,13 +231,13 @@ def test_from_checkpoint_with_lora_options_starts_at_the_base_model(tmp_path):
     write_checkpoint_folder(str(tmp_path / "ckpt"), dict(config, param_dtype="float32"), pure_tree(base))
     opts = ModelOptions(lora_rank=2, lora_dropout=0.1, lora_targets=("q", "o", "up"))
     mesh = sharding.make_mesh((2, 2, 2))
-    got = GoT.from_checkpoint(str(tmp_path / "ckpt"), options=opts, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    got = GoT.from_checkpoint(str(tmp_path / "ckpt"), options=opts, mesh=mesh, rules=RULES)
     assert not [x for x in jax.tree.leaves(nnx.state(got)) if isinstance(x, jax.ShapeDtypeStruct)]
     mods = lora.lora_modules(got.reasoner)
     assert len(mods) == 3 * 2
     for m in mods.values():
         assert float(jnp.abs(m.lora_b[...]).max()) == 0.0 and float(jnp.abs(m.lora_a[...]).max()) > 0.0
         for var in (m.lora_a, m.lora_b):
-            assert var[...].sharding == sharding.variable_sharding(var, mesh, sharding.DEFAULT_RULES)
+            assert var[...].sharding == sharding.variable_sharding(var, mesh, RULES)
     ids = np.random.default_rng(1).integers(0, 300, (1, 7))
     check_close(_logits(got.reasoner, ids), _logits(base.reasoner, ids))  # sharded matmuls: reduction order

@@ -21,6 +21,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLConfig as HFConfig
 from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
+from configs.sharding_rules import RULES
 
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError
@@ -281,11 +282,11 @@ def test_bad_checkpoints(untied, tmp_path):
 def test_sharded_load_same_logits(untied):
     hf, path = untied
     mesh = sharding.make_mesh((1, 4, 2))
-    model = load_hf_checkpoint(path, mesh=mesh)
+    model = load_hf_checkpoint(path, mesh=mesh, rules=RULES)
     kernel = model.language_model.layers[0].mlp.gate_proj.kernel[...]
     assert len(kernel.sharding.device_set) == 8 and kernel.sharding.spec[0] == "fsdp"
     ids = np.random.RandomState(5).randint(0, 190, (2, 8))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, RULES):
         out = model(ids)
     check(out.logits, hf_forward(hf, ids)[0])
 

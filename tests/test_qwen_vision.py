@@ -20,6 +20,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+from configs.sharding_rules import RULES
 
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError, export_state, load_into_abstract, open_tensor_folder
@@ -216,9 +217,9 @@ def test_sharded_on_a_mesh_matches_transformers(tiny):
     graphdef, state = nnx.split(model)
     sharded = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     mesh = sharding.make_mesh((2, 2, 2))
-    sharding.shard_model(sharded, mesh)
+    sharding.shard_model(sharded, mesh, RULES)
     assert sharded.blocks[0].attn.qkv.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, RULES):
         out = nnx.jit(lambda m, p, a: m(p, a))(sharded, jnp.asarray(pv), prepare_vision_inputs(grid, cfg))
     err, scale = _err(out, _hf(hf, pv, grid))
     assert err <= 1e-4 * scale, (err, scale)

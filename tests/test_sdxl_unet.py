@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from configs.sharding_rules import RULES
 
 from got_jax import sharding
 from got_jax.checkpoint import CheckpointError
@@ -99,8 +100,8 @@ def test_unet_sharded_matches_unsharded(saved):
     model = load_diffusers_checkpoint(path, "unet")
     ref = ours(model, x)
     mesh = sharding.make_mesh((2, 4, 1))
-    sharded = load_diffusers_checkpoint(path, "unet", mesh=mesh)
-    with sharding.use_mesh(mesh):
+    sharded = load_diffusers_checkpoint(path, "unet", mesh=mesh, rules=RULES)
+    with sharding.use_mesh(mesh, RULES):
         got = ours(sharded, x)
     assert np.abs(got - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
     kernel = sharded.down_blocks[1].attentions[0].transformer_blocks[0].ff.geglu.proj.kernel[...]

@@ -25,6 +25,7 @@ import pytest
 import train_fixtures as fx
 import train_reference as ref
 from flax import nnx
+from configs.sharding_rules import RULES
 
 from got_jax import sharding
 from got_jax.checkpoint.mapping import path_str
@@ -42,7 +43,6 @@ pytestmark = pytest.mark.slow
 LR = 1e-3
 OPTIM = S.OptimConfig(learning_rate=LR, warmup_steps=0, total_steps=100, clip_norm=1.0)
 LOSS = losses.LossConfig()
-RULES = sharding.DEFAULT_RULES
 
 
 @dataclasses.dataclass

@@ -260,9 +260,10 @@ def load_checkpoint(folder: str, *, parts: Mapping[str, PartBuilder], mesh=None,
 
     ``parts`` maps part names to builders of abstract modules from the folder's config (GoT's:
     :func:`got_jax.got.checkpoint.part_builders`); with ``mesh`` every array is restored directly into
-    its sharding (logical names of the abstract module, ``rules``), so no host holds the whole model.
+    its sharding (logical names of the abstract module, ``rules``: required with a mesh), so no host holds the whole model.
     ``only`` restores a subset of parts. ``config``: the folder's config when the caller has read it already.
     """
+    sharding.require_rules("load_checkpoint", mesh, rules)
     cfg = dict(config) if config is not None else read_config(folder)
     stored = tuple(cfg.get("parts", ()))
     wanted = tuple(only) if only is not None else stored
@@ -278,8 +279,7 @@ def load_checkpoint(folder: str, *, parts: Mapping[str, PartBuilder], mesh=None,
         state = nnx.state(parts[name](cfg))
         abstract[name] = nnx.to_pure_dict(state)
         if mesh is not None:
-            shards[name] = nnx.to_pure_dict(sharding.state_shardings(
-                state, mesh, rules if rules is not None else sharding.DEFAULT_RULES))
+            shards[name] = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
         else:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shards[name] = jax.tree.map(lambda _: dev, abstract[name])

@@ -30,6 +30,7 @@ from got_jax.models.options import ModelOptions
 from got_jax.models.qwen2_5_vl import checkpoint as qwen_checkpoint
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from got_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+from got_jax.sharding import require_rules
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def load_got_checkpoint(folder: str, mesh=None, rules=None, *, dtype=None,
     ``dtype`` if given; ``config`` is the folder's ``config.json``. Load it into a model with
     ``state = nnx.state(model); nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
     """
+    require_rules("load_got_checkpoint", mesh, rules)
     return orbax_load_checkpoint(folder, parts=part_builders(), mesh=mesh, rules=rules, dtype=dtype, only=only)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from got_jax import sharding
 from got_jax.got.model import GoT
 from got_jax.got.pipeline import GoTPipeline
 from got_jax.got.tokenizer import got_token_ids, load_tokenizer
@@ -79,11 +80,11 @@ def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIO
 
 
 def demo_pipeline(seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None, rules=None) -> GoTPipeline:
-    """A :class:`GoTPipeline` on a tiny GoT with random weights from ``seed``."""
+    """A :class:`GoTPipeline` on a tiny GoT with random weights from ``seed``; with ``mesh`` (and its
+    ``rules``, from the config) the weights are placed on it."""
+    sharding.require_rules("demo_pipeline", mesh, rules)
     tok = load_tokenizer()
     model = random_model(demo_config(tok), seed, options=options)
     if mesh is not None:
-        from got_jax import sharding  # noqa: PLC0415
-
-        model = sharding.shard_model(model, mesh, rules if rules is not None else sharding.DEFAULT_RULES)
+        model = sharding.shard_model(model, mesh, rules)
     return GoTPipeline(model, tok, make_image_processor(**DEMO_PROCESSOR), mesh=mesh, rules=rules)

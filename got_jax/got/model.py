@@ -108,6 +108,7 @@ class GoT(nnx.Module):
         options, the adapters (absent from converted folders) start fresh from ``lora_seed``: A random, B zero,
         so the model computes exactly the restored base model.
         """
+        sharding.require_rules("GoT.from_checkpoint", mesh, rules)
         raw = orbax_io.read_config(folder)
         missing = [p for p in PARTS if p not in raw.get("parts", ())]
         if missing:

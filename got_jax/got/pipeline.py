@@ -190,11 +190,13 @@ class GoTPipeline:
     ``model`` is a :class:`GoT`; ``tokenizer`` a GoT / Qwen2.5-VL tokenizer (special tokens are
     looked up by name); ``image_processor`` transformers' Qwen2.5-VL image processor (default: from
     the reasoner's vision config); ``scheduler_config`` the diffusers scheduler config dict (default:
-    the model's). ``mesh`` (optional) runs every program under that mesh with ``rules``.
+    the model's). ``mesh`` (optional) runs every program under that mesh with ``rules`` (required with a
+    mesh: the rules from the config, e.g. ``configs.sharding_rules.RULES``).
     """
 
     def __init__(self, model: GoT, tokenizer, image_processor=None, *, scheduler_config: dict | None = None,
                  mesh=None, rules=None, max_boxes: int = 32):
+        sharding.require_rules("GoTPipeline", mesh, rules)
         self.model = model
         self.tokenizer = tokenizer
         self.ids = got_token_ids(tokenizer)
@@ -221,6 +223,7 @@ class GoTPipeline:
                         **kwargs) -> "GoTPipeline":
         """A pipeline on a converted GoT folder (``convert/got_checkpoint.py`` output); ``options``
         (:class:`~got_jax.models.options.ModelOptions`) default to float32 compute on the stored dtype."""
+        sharding.require_rules("GoTPipeline.from_pretrained", mesh, rules)
         folder = os.fspath(folder)
         model = GoT.from_checkpoint(folder, mesh=mesh, rules=rules, options=options)
         tok_dir = os.path.join(folder, "tokenizer")
@@ -233,7 +236,7 @@ class GoTPipeline:
     def _ctx(self):
         if self.mesh is None:
             return contextlib.nullcontext()
-        return sharding.use_mesh(self.mesh, self.rules if self.rules is not None else sharding.DEFAULT_RULES)
+        return sharding.use_mesh(self.mesh, self.rules)
 
     def _vision(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         pv, grid, _ = reasoner_image(img, self.image_processor, SOURCE_SIZE)

@@ -124,7 +124,7 @@ def detect_layout(keys) -> str:
 
 
 def load_hf_checkpoint(folder: str | os.PathLike, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None,
-                       rules: sharding.Rules = sharding.DEFAULT_RULES, cfg: Qwen2_5_VLConfig | None = None,
+                       rules: sharding.Rules | None = None, cfg: Qwen2_5_VLConfig | None = None,
                        progress: bool = False) -> Qwen2_5_VLForConditionalGeneration:
     """Builds the model abstractly and fills it from a Hugging Face Qwen2.5-VL folder.
 
@@ -132,9 +132,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, options: ModelOptions = DEF
     with an index; fp32/bf16/fp16, cast to ``options.param_dtype``; ``options`` must have no LoRA: add
     adapters with :func:`got_jax.models.qwen2_5_vl.lora.add_lora`). The embedding row count is taken from
     the checkpoint (GoT checkpoints add tokens beyond ``vocab_size``). With ``mesh`` every tensor is placed
-    with the sharding its logical axis names get under ``rules``. Any missing, extra or mis-shaped
+    with the sharding its logical axis names get under ``rules`` (required with a mesh). Any missing, extra or mis-shaped
     tensor raises :class:`CheckpointError` naming the key and both shapes.
     """
+    sharding.require_rules("load_hf_checkpoint", mesh, rules)
     folder = os.fspath(folder)
     if options.lora_rank:
         raise ValueError("load_hf_checkpoint loads base weights: pass options without LoRA, then add adapters "

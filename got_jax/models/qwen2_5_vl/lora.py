@@ -55,9 +55,9 @@ def materialize(model: nnx.Module, key: jax.Array, *, mesh=None, rules=None) -> 
 
     ``lora_a`` gets PEFT's init (U(+-1/sqrt(fan_in)), one key per module folded from ``key``), ``lora_b``
     zeros, RNG keys are folded from ``key`` and counts start at 0. With ``mesh`` the new arrays are placed
-    by their logical names under ``rules``. Concrete variables are left alone. Returns the filled model.
+    by their logical names under ``rules`` (required with a mesh). Concrete variables are left alone. Returns the filled model.
     """
-    rules = sharding.DEFAULT_RULES if rules is None else rules
+    sharding.require_rules("materialize", mesh, rules)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     for n, (path, var) in enumerate(flat):
@@ -92,6 +92,7 @@ def _rebuild(model: nnx.Module, options: ModelOptions) -> nnx.Module:
 def add_lora(model: nnx.Module, options: ModelOptions, key: jax.Array, *, mesh=None, rules=None) -> nnx.Module:
     """``model`` (reasoner or GoT, e.g. from a checkpoint loader) rebuilt with ``options`` (LoRA), sharing its
     parameters, with fresh adapters (:func:`materialize`): same outputs as ``model`` until trained."""
+    sharding.require_rules("add_lora", mesh, rules)
     graphdef, state = nnx.split(_rebuild(model, options))
     nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     return materialize(nnx.merge(graphdef, state), key, mesh=mesh, rules=rules)

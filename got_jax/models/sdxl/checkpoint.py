@@ -95,12 +95,13 @@ def _read_config(folder: str) -> dict:
 
 def load_diffusers_checkpoint(folder: str | os.PathLike, kind: str = "unet", *, variant: str | None = None,
                               options: ModelOptions = DEFAULT_OPTIONS, mesh=None,
-                              rules: sharding.Rules = sharding.DEFAULT_RULES, progress: bool = False):
+                              rules: sharding.Rules | None = None, progress: bool = False):
     """Builds a ``UNet2DConditionModel`` (``kind="unet"``) or ``AutoencoderKL`` (``kind="vae"``) abstractly
     and fills it from a diffusers folder (``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``,
     single or sharded), built with ``options``. Tensors are cast to ``options.param_dtype``; with ``mesh`` each one is placed by its logical
-    axis names under ``rules``. Any missing / extra / mis-shaped tensor raises :class:`CheckpointError`.
+    axis names under ``rules`` (required with a mesh). Any missing / extra / mis-shaped tensor raises :class:`CheckpointError`.
     """
+    sharding.require_rules("load_diffusers_checkpoint", mesh, rules)
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"not a checkpoint folder: {folder}")
