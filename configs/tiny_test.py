@@ -12,6 +12,8 @@ Orbax checkpoint every 2 steps in ``<workdir>/checkpoints``, TensorBoard events 
 
 import ml_collections
 
+from configs import sharding_rules
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -23,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 8
     c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
     c.num_devices = 0  # 0 = all visible devices
-    c.rules = ()  # () = got_jax.sharding.DEFAULT_RULES
+    c.rules = sharding_rules.RULES  # logical axis -> mesh axes (configs/sharding_rules.py)
     c.compilation_cache_dir = ""
 
     c.model = ml_collections.ConfigDict()

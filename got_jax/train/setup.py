@@ -120,7 +120,10 @@ def make_mesh(config, devices=None):
 
 
 def rules(config):
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (config.get("rules") or sharding.DEFAULT_RULES))
+    """The config's logical-axis rules (configs/sharding_rules.py's RULES in the shipped configs)."""
+    if not config.get("rules"):
+        raise ConfigError("config.rules is empty: set it to the logical-axis rules (configs.sharding_rules.RULES)")
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules)
 
 
 def kind_sources(config) -> dict[str, list[D.SourceSpec]]:
