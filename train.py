@@ -1,7 +1,7 @@
 r"""Train GoT: ``python train.py --config configs/<name>.py --workdir DIR [--config.<field>=...]``.
 
     python train.py --config configs/tiny_test.py --workdir /tmp/tiny \
-        --config.data.sources="file:/tmp/shapes/generation.jsonl@shapes"        # CPU, seconds
+        --config.data.sources="file:/tmp/shapes/annotations/generation.jsonl@shapes"        # CPU, seconds
     python train.py --config configs/got_6b.py --workdir gs://bucket/got6b \
         --config.init_from=/ckpt/got6b-init --config.stage=pretrain            # TPU pod, every host
 

@@ -3,7 +3,7 @@
 The paper names the datasets of each stage but not their weights; weights here are the published
 dataset sizes in millions of examples (so every example is seen about equally often). Override a
 stage's mixture with ``--config.data.mixture=NAME`` or give sources directly:
-``--config.data.sources="tfds:got_generation/flux_got=1;file:/data/shapes/generation.jsonl@shapes=0.1"``.
+``--config.data.sources="tfds:got_generation/flux_got=1;file:/data/shapes/annotations/generation.jsonl@shapes=0.1"``.
 TFDS sources are read from ``--config.data.data_dir`` (built with ``python -m got_jax.data.build``).
 
 Generation and editing records have different shapes (editing adds the 448x448 source view for the

@@ -2,7 +2,7 @@ r"""The demo-size GoT (hidden 64) trained from random weights on the synthetic s
 
     python -m got_jax.data.shapes --out /data/shapes --size 64 --num-generation 2000 --num-editing 0 --seed 0
     python train.py --config configs/demo_shapes.py --workdir /tmp/demo \
-        --config.data.sources="file:/data/shapes/generation.jsonl@shapes"
+        --config.data.sources="file:/data/shapes/annotations/generation.jsonl@shapes"
 
 A placeholder until the demo-model issue tunes it: 2000 steps, batch 16 at 64 px, no LoRA (the small
 reasoner trains fully). Expect the LM loss to fall below 1 within a few hundred steps (the GoT texts of the

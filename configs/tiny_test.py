@@ -2,7 +2,7 @@
 
     python -m got_jax.data.shapes --out /tmp/shapes --size 32 --num-generation 64 --num-editing 0
     python train.py --config configs/tiny_test.py --workdir /tmp/tiny \
-        --config.data.sources="file:/tmp/shapes/generation.jsonl@shapes"
+        --config.data.sources="file:/tmp/shapes/annotations/generation.jsonl@shapes"
 
 Expect: 8 steps of a 2-layer, hidden-32 reasoner with LoRA r=4 + a 2-block UNet at 32 px, the loss
 falling from about 12 (LM cross-entropy over the 554-token test vocabulary + diffusion MSE ~1), an
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.vocab_chunk = 0  # 0 = whole-vocabulary logits
 
     c.data = ml_collections.ConfigDict()
-    c.data.sources = ""  # e.g. "file:/tmp/shapes/generation.jsonl@shapes" (see configs/data_mixtures.py)
+    c.data.sources = ""  # e.g. "file:/tmp/shapes/annotations/generation.jsonl@shapes" (see configs/data_mixtures.py)
     c.data.mixture = "shapes"  # used when sources is empty
     c.data.data_dir = ""  # TFDS data_dir of tfds: sources
     c.data.num_shards = 0  # logical data shards; 0 = number of processes

@@ -42,7 +42,7 @@ def env(tmp_path_factory):
     base = os.environ.get("GOT_TRAIN_TEST_DIR")
     base = pathlib.Path(base) if base else tmp_path_factory.mktemp("train_run")
     data = shapes.write_shapes(base / "shapes", size=32, num_generation=48, num_editing=0, seed=0)
-    return {"base": base, "sources": f"file:{data}/generation.jsonl@shapes", "cache": str(base / "xla_cache")}
+    return {"base": base, "sources": f"file:{data}/annotations/generation.jsonl@shapes", "cache": str(base / "xla_cache")}
 
 
 def _overrides(env, **kw) -> dict:

@@ -6,8 +6,8 @@ Sources are written as one string, ``SPEC=WEIGHT`` entries separated by ``;`` (n
 * ``tfds:NAME/CONFIG`` - a built ``got_generation`` / ``got_editing`` ArrayRecord dataset under ``data_dir``
   (``python -m got_jax.data.build ...``);
 * ``file:PATH@MAPPING`` - an annotation file (``.jsonl`` / ``.json`` / ``.parquet``, images relative to its
-  folder) read with the field mapping ``MAPPING`` of :data:`got_jax.data.records.MAPPINGS` (e.g. the
-  synthetic shapes set: ``file:/data/shapes/generation.jsonl@shapes``).
+  folder, or to the manual_dir of an ``annotations/`` file) read with the field mapping ``MAPPING`` of :data:`got_jax.data.records.MAPPINGS` (e.g. the
+  synthetic shapes set: ``file:/data/shapes/annotations/generation.jsonl@shapes``).
 
 Every source must hold records (checked before anything compiles). The last ``eval_examples`` records of
 each source are held out for the evaluation loss; the rest are mixed with ``grain.MapDataset.mix`` (weights
@@ -111,6 +111,14 @@ class _AsSequence:
         return self.ds[int(i)]
 
 
+def image_root(annotation_file: str) -> str:
+    """Where a ``file:`` source's image paths are relative to: the annotation file's folder, or, for a file in
+    the ``annotations/`` folder of a manual_dir (the layout ``got_jax.data.shapes`` writes and the TFDS builders
+    read), that manual_dir."""
+    folder = os.path.dirname(os.path.abspath(annotation_file))
+    return os.path.dirname(folder) if os.path.basename(folder) == "annotations" else folder
+
+
 def open_source(spec: SourceSpec, data_dir: str | None, kind: str):
     """The records of one source (random access); raises :class:`DataConfigError` if it has none."""
     if spec.kind == "file":
@@ -121,7 +129,7 @@ def open_source(spec: SourceSpec, data_dir: str | None, kind: str):
             raise DataConfigError(f"data source {spec}: mapping {spec.mapping!r} gives {mapping.kind} records, the "
                                   f"stage trains on {kind}")
         try:
-            recs = P.records_source(list(records.read_records(spec.target, mapping)))
+            recs = P.records_source(list(records.read_records(spec.target, mapping, image_root(spec.target))))
         except records.RecordError as e:
             raise DataConfigError(f"data source {spec}: {e}") from None
     else:
