@@ -69,7 +69,9 @@ def readme_commands() -> list[str]:
 
 
 def group_of(cmd: str) -> str:
-    for key, group in (("got_jax.convert", "convert"), ("sample.py", "sample"), ("got_jax.data", "data")):
+    for key, group in (("gcloud ", "pod"), ("--coordinator_address", "pod"), ("train.py", "train"),
+                       ("got_jax.train.export", "export"), ("got_jax.convert", "convert"), ("sample.py", "sample"),
+                       ("got_jax.data", "data")):
         if key in cmd:
             return group
     raise AssertionError(f"README command not covered by tests/test_readme.py: {cmd!r}")
@@ -79,7 +81,7 @@ def test_readme_parsing_covers_every_block():
     """Every command of every bash block is run by one of the tests below (nothing silently skipped)."""
     cmds = readme_commands()
     groups = [group_of(c) for c in cmds]  # raises on an unknown command
-    assert {"convert", "sample", "data"} <= set(groups)
+    assert {"convert", "sample", "data", "train", "export", "pod"} <= set(groups)
     assert len(cmds) >= 15
     for code in fenced_blocks("python"):
         compile(code, "README.md", "exec")  # every snippet is valid Python as written
@@ -95,7 +97,11 @@ def test_readme_parsing_covers_every_block():
 
 def substitute(cmd: str, work: Path) -> str:
     """Paths and sizes only (see the module docstring)."""
-    cmd = cmd.replace("/ckpt/", f"{work}/ckpt/").replace("/data/", f"{work}/data/")
+    if group_of(cmd) == "pod":  # checked, not run (test_pod_commands_name_real_flags_and_fields)
+        return ":"
+    cmd = cmd.replace("/ckpt/", f"{work}/ckpt/").replace("/data/", f"{work}/data/").replace("/runs/", f"{work}/runs/")
+    for script in ("train.py", "configs/"):  # repository paths, as run from the repository root
+        cmd = re.sub(rf"(^|\s){script}", rf"\g<1>{shlex.quote(str(ROOT / script))}", cmd)
     cmd = re.sub(r"(^|\s)python(\s)", rf"\g<1>{shlex.quote(sys.executable)}\g<2>", cmd)
     if "sample.py" in cmd:
         cmd = cmd.replace(" sample.py ", f" {shlex.quote(str(ROOT / 'sample.py'))} ")
@@ -104,6 +110,8 @@ def substitute(cmd: str, work: Path) -> str:
                 cmd = re.sub(rf"--config\.{field}=\S+", f"--config.{field}={value}", cmd)
             else:
                 cmd += f" --config.{field}={value}"
+    if "train.py" in cmd or "got_jax.train" in cmd:  # the 6 shapes rows: 4 to train on, 2 held out
+        cmd += "".join(f" --config.{k}={v}" for k, v in TRAIN_SIZES.items())
     cmd = re.sub(r"--num-generation \d+", "--num-generation 6", cmd)
     cmd = re.sub(r"--num-editing \d+", "--num-editing 3", cmd)
     cmd = re.sub(r"--size \d+", "--size 32", cmd)
@@ -114,6 +122,7 @@ def snippet_kind(code: str) -> str:
     return "api" if "GoTPipeline" in code else "data" if "make_dataset" in code else "unknown"
 
 
+TRAIN_SIZES = {"total_steps": 3, "global_batch_size": 2, "eval_examples": 2, "data.num_shards": 1}
 PYTHON_SIZES = {"api": {"height=1024, width=1024, num_inference_steps=50": f"height={SIZE}, width={SIZE}, "
                                                                            "num_inference_steps=2"},
                 "data": {"batch_size=8": "batch_size=2"}}
@@ -157,7 +166,7 @@ class Step:
 
 
 def _writes(cmd: str) -> str | None:
-    m = re.search(r"--(?:out|outdir|data_dir) (\S+)", cmd)
+    m = re.search(r"--(?:out|outdir|data_dir) (\S+)", cmd) or re.search(r"--workdir (\S+)", cmd)
     return m.group(1) if m else None
 
 
@@ -167,13 +176,15 @@ def _uses(st: "Step", path: str) -> bool:
     if st.group.startswith("python"):
         return path.startswith("/") and re.search(rf"[\"']{re.escape(path)}(/|[\"'])", st.code) is not None
     words = shlex.split(st.cmd)
-    for flag in ("--out", "--outdir", "--data_dir"):
+    for flag in ("--out", "--outdir", "--data_dir", "--workdir"):
+        if flag in words and flag == "--workdir" and st.group == "export":
+            continue  # the export reads the run's workdir
         if flag in words:
             del words[words.index(flag): words.index(flag) + 2]
-    return any(w == path or w.startswith(path + "/") for w in words)
+    return any(re.search(rf"(^|[=:]){re.escape(path)}(/|$)", w) for w in words)  # also --x=PATH, file:PATH
 
 
-ORDER = ("convert", "data", "sample", "python_api", "python_data")  # dependencies first, long chains early
+ORDER = ("convert", "data", "train", "export", "sample", "python_api", "python_data", "pod")  # dependencies first, long chains early
 
 
 def plan_steps(work: Path, run_dir: Path) -> list[Step]:
@@ -389,6 +400,59 @@ def test_dataset_commands_and_pipeline_snippet(work):
     assert len(built) == len(REAL_SOURCES) + 2
     (st,) = steps_of(work, "python_data")
     assert "'target_image': (2, " in st.stdout, st.stdout[-2000:]
+
+
+def test_train_and_export_commands(work):
+    """The tiny run on the shapes set the README writes (resumable: checkpoints and metrics), and its export
+    to PyTorch's layouts."""
+    (train,) = steps_of(work, "train")
+    run = work["dir"] / "runs" / "tiny"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps[-1] == TRAIN_SIZES["total_steps"], steps
+    assert str(TRAIN_SIZES["total_steps"]) in os.listdir(run / "checkpoints")
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))
+    (export,) = steps_of(work, "export")
+    out = work["dir"] / "runs" / "tiny-export"
+    assert (out / "pytorch_model.bin").is_file() or any(out.rglob("pytorch_model.bin")), sorted(out.rglob("*"))
+
+
+def _train_argv(cmd: str) -> list[str]:
+    """The ``train.py`` arguments of a pod command (inside ``gcloud ... --command="..."`` or plain)."""
+    words = shlex.split(cmd)
+    if words[0] == "gcloud":
+        inner = next(w.split("=", 1)[1] for w in words if w.startswith("--command="))
+        words = shlex.split(inner.split(";")[-1])
+    return words[words.index("train.py") + 1:]
+
+
+def test_pod_commands_name_real_flags_and_fields():
+    """The README's pod / multi-process launch lines cannot run here (tests/test_train_run.py runs two processes
+    on localhost): every flag they pass is a flag of train.py, the config file exists, every ``--config.*``
+    override names a field of that config (after its stage preset) and the stage is one of its stages."""
+    import importlib.util
+
+    from got_jax.train import setup
+
+    defined = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", (ROOT / "train.py").read_text()))
+    cmds = [c for c in readme_commands() if group_of(c) == "pod"]
+    assert len(cmds) >= 3
+    for cmd in cmds:
+        args = _train_argv(cmd)
+        kv = dict(a[2:].split("=", 1) if "=" in a else (a[2:], args[args.index(a) + 1]) for a in args if a.startswith("--"))
+        assert {k for k in kv if not k.startswith("config.")} <= defined, (cmd, defined)
+        spec = importlib.util.spec_from_file_location("readme_config", ROOT / kv["config"])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        config = mod.get_config()
+        for k, v in kv.items():
+            if k.startswith("config."):
+                node, *path = config, *k.split(".")[1:]
+                for part in path[:-1]:
+                    node = node[part]
+                assert path[-1] in node, (cmd, k)
+                if path == ["stage"]:
+                    node[path[-1]] = v
+        setup.resolve(config)  # raises on an unknown stage
 
 
 def test_installed_package_runs_from_anywhere(tmp_path):
