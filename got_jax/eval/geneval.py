@@ -3,7 +3,7 @@
 A prompt's *metadata* is GenEval's: ``{"tag": task, "include": [req, ...], "exclude": [req, ...]}`` where a
 requirement is ``{"class": name, "count": n}`` plus optionally ``"color": name`` and
 ``"position": [relation, index of an earlier include group]``. *Detections* map a class name to a list of
-:class:`Detection` in decreasing confidence (our detector: decreasing area). The rules, as GenEval has them:
+:class:`Detection` in decreasing confidence. The rules, as GenEval has them:
 
 * an include requirement takes the first ``count`` detections of its class; fewer than ``count`` fails;
 * with a colour, at least ``count`` of those must have that colour;
@@ -33,12 +33,13 @@ RELATIONS = ("left of", "right of", "above", "below")
 @dataclasses.dataclass(frozen=True)
 class Detection:
     """One found object: class name, colour name (None if unknown), box ``(x1, y1, x2, y2)`` in any units
-    shared by all detections of an image (pixels for images, 0..1000 for plans), and its size."""
+    shared by all detections of an image (pixels for images, 0..1000 for plans), its size and confidence."""
 
     cls: str
     color: str | None
     box: tuple[float, float, float, float]
     area: float = 0.0
+    confidence: float = 1.0
 
 
 def position_offset(box_a: Sequence[float], box_b: Sequence[float]) -> tuple[float, float] | None:
@@ -134,9 +135,9 @@ def evaluate(detections: Mapping[str, Sequence[Detection]], metadata: Mapping) -
 
 
 def by_class(dets: Sequence[Detection]) -> dict[str, list[Detection]]:
-    """Detections grouped per class, largest first (our stand-in for GenEval's confidence order)."""
+    """Detections grouped per class, most confident first (GenEval's order), larger first among equals."""
     out: dict[str, list[Detection]] = {}
-    for d in sorted(dets, key=lambda d: -d.area):
+    for d in sorted(dets, key=lambda d: (-d.confidence, -d.area)):
         out.setdefault(d.cls, []).append(d)
     return out
 
