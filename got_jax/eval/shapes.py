@@ -188,7 +188,7 @@ def contact_sheet(samples: Sequence[dict], images: Sequence[Image.Image], *, col
         return sheet
     cols = min(columns, len(fails))
     rows = -(-len(fails) // cols)
-    sheet = Image.new("RGB", (cols * (TILE + 4), rows * (TILE + text_h + 4)), (255, 255, 255))
+    sheet = Image.new("RGB", (cols * (TILE + 4), rows * (TILE + text_h + 4)), (225, 225, 225))
     draw = ImageDraw.Draw(sheet)
     for n, (s, im) in enumerate(fails):
         r, c = divmod(n, cols)
