@@ -263,3 +263,9 @@ def test_cli_writes_table_json_and_contact_sheet(tiny_ckpt, tiny_pipe, tmp_path,
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", "/nonexistent", "--out", str(out), "--prompts_per_task", "97", "--tasks", "position"])
     assert "only 96 position combinations are held out" in capsys.readouterr().err
+    for args, msg in ((["--ckpt", str(tmp_path / "none")], "--ckpt: "), (["--ckpt", str(tiny_ckpt), "--size", "40"],
+                                                                         "--size 40: must be a positive multiple of 16")):
+        with pytest.raises(SystemExit):
+            ev.main(args + ["--out", str(out)])
+        assert msg in capsys.readouterr().err
+    assert loads == [(str(tiny_ckpt), "float32")]  # none of the bad calls got to loading

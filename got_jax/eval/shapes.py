@@ -293,8 +293,27 @@ def main(argv=None) -> dict:
         held = len(shapes.held_out()[t])
         if t in tasks and a.prompts_per_task > held:
             p.error(f"--prompts_per_task {a.prompts_per_task}: only {held} {t} combinations are held out")
+    _check_size(p, a.ckpt, a.size)
     pipe = load_pipeline(a.ckpt, a.dtype)
     return run(pipe, a.out, settings, ckpt=a.ckpt)
+
+
+def _check_size(parser, ckpt: str, size: int) -> None:
+    """Before the model loads: the folder is a converted one and ``size`` is a multiple of its VAE factor x UNet
+    down-sampling."""
+    from got_jax.checkpoint.errors import CheckpointError  # noqa: PLC0415
+    from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
+
+    try:
+        cfg = read_config(ckpt)
+    except CheckpointError as e:
+        parser.error(f"--ckpt: {e}")
+    try:
+        f = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1) * 2 ** (len(cfg["unet"]["block_out_channels"]) - 1)
+    except (KeyError, TypeError) as e:
+        parser.error(f"--ckpt {ckpt}: config.json has no vae / unet block_out_channels ({e})")
+    if size <= 0 or size % f:
+        parser.error(f"--size {size}: must be a positive multiple of {f} for {ckpt} (VAE factor x UNet down-sampling)")
 
 
 if __name__ == "__main__":
