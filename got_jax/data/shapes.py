@@ -20,6 +20,7 @@ no training scene (generation or editing, source or target) ever realises -- in 
 its pixels (:func:`leaks`). :func:`eval_prompts` draws the shapes-GenEval prompts: the held-out combinations
 for position and colour attribution, and, for the small tasks, scenes from an rng stream that training
 never uses.
+
 Everything is deterministic from a seed. ``write_shapes`` stores the data in the layout the TFDS builders
 read as their ``--manual_dir`` (``annotations/generation.jsonl``, ``annotations/editing.jsonl``,
 ``images/*.png``; field mappings ``shapes`` and ``shapes_edit`` of :mod:`got_jax.data.records`)::
