@@ -34,6 +34,9 @@ SETUP = {"python3 -m venv .venv", ". .venv/bin/activate", "pip install -e .", 'p
 SUITE = {"python -m pytest -q"}
 SIZE = 64  # image side for the stand-ins (a multiple of 32)
 SAMPLE_SIZES = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "max_new_tokens": 12}
+EVAL_SIZES = {"prompts_per_task": 1, "images_per_prompt": 1, "steps": 2, "max_new_tokens": 8, "batch_size": 2,
+              "size": 32}
+SHAPES_CKPT = "shapes-got"  # /ckpt/shapes-got of the README's eval command: a tiny random-weight converted folder
 REAL_SOURCES = {  # the real GoT annotation folders of the README -> (builder config, rows in their field names)
     "LAHR-GoT": "laion_aesthetics_got", "JourneyDB-GoT": "journeydb_got", "FLUX-GoT": "flux_got",
     "OmniEdit-GoT": "omniedit_got", "SEED-Edit-GoT": "seed_edit_multiturn_got",
@@ -71,7 +74,7 @@ def readme_commands() -> list[str]:
 def group_of(cmd: str) -> str:
     for key, group in (("gcloud ", "pod"), ("--coordinator_address", "pod"), ("train.py", "train"),
                        ("got_jax.train.export", "export"), ("got_jax.convert", "convert"), ("sample.py", "sample"),
-                       ("got_jax.data", "data")):
+                       ("got_jax.data", "data"), ("got_jax.eval", "eval")):
         if key in cmd:
             return group
     raise AssertionError(f"README command not covered by tests/test_readme.py: {cmd!r}")
@@ -81,7 +84,7 @@ def test_readme_parsing_covers_every_block():
     """Every command of every bash block is run by one of the tests below (nothing silently skipped)."""
     cmds = readme_commands()
     groups = [group_of(c) for c in cmds]  # raises on an unknown command
-    assert {"convert", "sample", "data", "train", "export", "pod"} <= set(groups)
+    assert {"convert", "sample", "data", "train", "export", "pod", "eval"} <= set(groups)
     assert len(cmds) >= 15
     for code in fenced_blocks("python"):
         compile(code, "README.md", "exec")  # every snippet is valid Python as written
@@ -112,6 +115,9 @@ def substitute(cmd: str, work: Path) -> str:
                 cmd += f" --config.{field}={value}"
     if "train.py" in cmd or "got_jax.train" in cmd:  # the 6 shapes rows: 4 to train on, 2 held out
         cmd += "".join(f" --config.{k}={v}" for k, v in TRAIN_SIZES.items())
+    if "got_jax.eval" in cmd:  # one prompt per task, one image, few steps / tokens
+        for flag, value in EVAL_SIZES.items():
+            cmd = re.sub(rf" --{flag} \S+", "", cmd) + f" --{flag} {value}"
     cmd = re.sub(r"--num-generation \d+", "--num-generation 6", cmd)
     cmd = re.sub(r"--num-editing \d+", "--num-editing 3", cmd)
     cmd = re.sub(r"--size \d+", "--size 32", cmd)
@@ -184,7 +190,7 @@ def _uses(st: "Step", path: str) -> bool:
     return any(re.search(rf"(^|[=:]){re.escape(path)}(/|$)", w) for w in words)  # also --x=PATH, file:PATH
 
 
-ORDER = ("convert", "data", "train", "export", "sample", "python_api", "python_data", "pod")  # dependencies first, long chains early
+ORDER = ("convert", "data", "train", "export", "sample", "eval", "python_api", "python_data", "pod")  # dependencies first
 
 
 def plan_steps(work: Path, run_dir: Path) -> list[Step]:
@@ -279,6 +285,17 @@ def write_sources(data: Path) -> dict[str, int]:
     return rows
 
 
+def write_shapes_ckpt(folder: Path) -> None:
+    """A converted GoT folder of the tiny demo GoT with random weights (stand-in for a shapes-trained GoT)."""
+    from got_jax.checkpoint.orbax_io import pure_tree, write_checkpoint_folder
+    from got_jax.got.demo import demo_config, random_model
+    from got_jax.got.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    config = demo_config()
+    toks = {p.name: str(p) for p in BUNDLED_TOKENIZER_DIR.iterdir() if p.is_file()}
+    write_checkpoint_folder(str(folder), dict(config, param_dtype="float32"), pure_tree(random_model(config, 0)), toks)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Runs every README step once against the stand-ins: ``work/ckpt/{GoT-6B, Qwen2.5-VL-3B-Instruct,
@@ -292,6 +309,7 @@ def work(tmp_path_factory):
     os.rename(paths["got"], ck / "GoT-6B")
     os.rename(paths["qwen"], ck / "Qwen2.5-VL-3B-Instruct")
     os.rename(paths["sdxl"], ck / "stable-diffusion-xl-base-1.0")
+    write_shapes_ckpt(ck / SHAPES_CKPT)
     run_dir = work / "run"
     run_dir.mkdir()
     rows = write_sources(work / "data")
@@ -375,6 +393,24 @@ def test_sample_commands(work):
             assert (outdir / "00000_got.txt").read_text().startswith(plan)
         if "--ckpt" in st.readme and "float32" not in st.readme:
             assert "--config.dtype=float32 reproduces the released PyTorch numbers" in st.stdout
+
+
+def test_eval_commands(work):
+    """python -m got_jax.eval.shapes as the README runs it (on a tiny random-weight folder): the table printed,
+    results.json with the six tasks, the images and the failures contact sheet written."""
+    import json
+
+    from got_jax.data.shapes import TASKS
+
+    steps = steps_of(work, "eval")
+    assert steps
+    for st in steps:
+        out = work["run"] / re.search(r"--out (\S+)", st.readme).group(1)
+        res = json.loads((out / "results.json").read_text())
+        assert set(res["tasks"]) == set(TASKS) and len(res["samples"]) == len(TASKS)
+        assert (out / "failures.png").is_file() and all((out / s["image"]).is_file() for s in res["samples"])
+        assert "overall" in st.stdout and all(t in st.stdout for t in TASKS)
+        assert ("--no_layout" in st.readme) == res["settings"]["no_layout"]
 
 
 def test_python_api_snippet(work):

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from got_jax.data import records, shapes
+from got_jax.eval import geneval
 from got_jax.got.layout import render_layout_canvases
 from got_jax.got.text import color_to_rgb, parse_got
 
@@ -40,20 +42,65 @@ def test_generation_boxes_match_pixels(size):
     assert tasks == set(shapes.TASKS)
 
 
-def test_positions_and_counts_follow_captions():
-    for i in range(60):
-        ex = shapes.generation_example(3, i, 96)
-        b = ex["boxes"]
-        if ex["task"] == "counting":
-            n = next(k for k, w in shapes.NUMBER_WORDS.items() if f" {w} " in ex["caption"])
-            assert len(b) == n
-        if ex["task"] == "position":
-            rel = next(r for r in shapes._RELATIONS if r in ex["caption"])
-            ref = b[-1]
-            for o in b[:-1]:
-                ok = {"to the left of": o.x2 < ref.x1, "to the right of": o.x1 > ref.x2,
-                      "above": o.y2 < ref.y1, "below": o.y1 > ref.y2}[rel]
-                assert ok, (ex["caption"], o, ref)
+_CAPTION = re.compile(
+    r"^(?:a photo of )?(?P<n>a|an|one|two|three|four) (?:(?P<c1>\w+) )??(?P<s1>circle|square|triangle)s?"
+    r"(?: (?P<rel>to the left of|to the right of|left of|right of|above|below|and) (?:a|an) (?:(?P<c2>\w+) )?"
+    r"(?P<s2>circle|square|triangle))?$")
+_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def _parse_caption(cap):
+    m = _CAPTION.match(cap)
+    assert m, cap
+    rel = m["rel"] and m["rel"].replace("to the ", "")
+    return _WORDS[m["n"]], m["c1"], m["s1"], rel, m["c2"], m["s2"]
+
+
+def _phrase_attrs(box):
+    words = box.phrase.split()
+    return words[-2], words[-1]  # "a red circle" -> (red, circle)
+
+
+def test_every_caption_holds_on_many_seeds():
+    """Thousands of examples (4 seeds x 750, two sizes): counts, colours and shapes of every caption are the
+    plan's; every position caption's relation holds under GenEval's rule (relative_position) with margin
+    RELATION_MARGIN on the GoT boxes and the pixel boxes, and is the only relation that holds."""
+    m = shapes.RELATION_MARGIN
+    checked = {t: 0 for t in shapes.TASKS}
+    for seed in range(4):
+        size = (64, 96)[seed % 2]
+        for i in range(750):
+            ex = shapes.generation_example(seed, i, size)
+            boxes = parse_got(ex["got"], strict=True)
+            attrs = [_phrase_attrs(b) for b in boxes]
+            assert [b.color for b in boxes] == [c for c, _ in attrs]
+            n, c1, s1, rel, c2, s2 = _parse_caption(ex["caption"])
+            task = ex["task"]
+            checked[task] += 1
+            if task in ("single_object", "colors", "counting"):
+                assert len(boxes) == n and {s for _, s in attrs} == {s1}, ex["caption"]
+                if c1 is not None:
+                    assert {c for c, _ in attrs} == {c1}
+            elif task in ("two_object", "color_attr"):
+                assert rel == "and" and [s for _, s in attrs] == [s1, s2]
+                if task == "color_attr":
+                    assert [c for c, _ in attrs] == [c1, c2]
+            else:
+                assert attrs == [(c1, s1)] * n + [(c2, s2)], ex["caption"]
+                pix = [shapes.pixel_box(o) for o in ex["objects"]]
+                for got_a, pix_a in zip(boxes[:-1], pix[:-1]):
+                    for a, b in ((got_a.coords, boxes[-1].coords), (pix_a, pix[-1])):
+                        assert geneval.relative_position(a, b) == {rel}, (ex["caption"], a, b)
+                        dx, dy = geneval.position_offset(a, b)
+                        along, across = (dx, dy) if rel in ("left of", "right of") else (dy, dx)
+                        assert abs(along) >= 0.5 + m and abs(across) <= 0.5 - m, (ex["caption"], dx, dy)
+    assert min(checked.values()) >= 500, checked
+
+
+def test_position_captions_use_both_phrasings():
+    caps = [shapes.generation_example(0, i, 64)["caption"] for i in range(4, 600, 6)]
+    assert any(c.startswith("a photo of ") and " left of " in c and "to the" not in c for c in caps)
+    assert any(c.startswith("two ") and " to the " in c for c in caps)
 
 
 def test_editing_pairs():

@@ -7,6 +7,20 @@ painted layout and the object's pixels coincide. Objects never overlap (one per 
 
 Captions cover GenEval's six task types (single object, two objects, counting, colours, position,
 colour attribution). Editing pairs (recolour, move, add, remove) carry a numbered editing plan.
+
+Position captions ("two red circles to the left of a blue square", or GenEval's own template "a photo of a
+red circle left of a blue square") hold under GenEval's position rule
+(:func:`got_jax.eval.geneval.relative_position`) with margin :data:`RELATION_MARGIN`, on the pixel boxes
+and on the GoT boxes alike, and the captioned relation is the only one that holds: the data teaches exactly
+what the benchmark scores.
+
+Held-out split (:func:`held_out`): a fixed set of (colour, shape, relation, colour, shape) position
+combinations and (colour, shape, colour, shape) colour-attribution combinations, each with its mirror, that
+no training scene (generation or editing, source or target) ever realises -- in its caption, its plan or
+its pixels (:func:`leaks`). :func:`eval_prompts` draws the shapes-GenEval prompts: the held-out combinations
+for position and colour attribution, and, for the small tasks, scenes from an rng stream that training
+never uses.
+
 Everything is deterministic from a seed. ``write_shapes`` stores the data in the layout the TFDS builders
 read as their ``--manual_dir`` (``annotations/generation.jsonl``, ``annotations/editing.jsonl``,
 ``images/*.png``; field mappings ``shapes`` and ``shapes_edit`` of :mod:`got_jax.data.records`)::
@@ -20,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from got_jax.eval.geneval import relation_margin, relative_position
 from got_jax.got.text import Box, color_to_rgb, format_got
 
 SHAPES = ("circle", "square", "triangle")
@@ -122,20 +138,144 @@ def _cells(rng, n, constraint=None):
             return cells
 
 
-_RELATIONS = {
-    "to the left of": lambda a, b: a % GRID < b % GRID,
-    "to the right of": lambda a, b: a % GRID > b % GRID,
+# ------------------------------------------------------------------------------------ relations
+
+# caption wording -> GenEval's relation; the GenEval-style captions use the relation itself
+_RELATIONS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
+_MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# grid cells a relation can come from (a candidate; the GenEval check with margin decides)
+_CELL_RELATIONS = {
+    "left of": lambda a, b: a % GRID < b % GRID,
+    "right of": lambda a, b: a % GRID > b % GRID,
     "above": lambda a, b: a // GRID < b // GRID,
     "below": lambda a, b: a // GRID > b // GRID,
 }
+RELATION_MARGIN = 0.1  # every generated relation holds under GenEval's rule by at least this much
+_MAX_TRIES = 10_000
+
+
+def pixel_box(obj: ShapeObject) -> tuple[int, int, int, int]:
+    """The object's pixel box ``(x_lo, y_lo, x_hi, y_hi)`` (half-open: what a mask's extent gives)."""
+    return (obj.x_lo, obj.y_lo, obj.x_hi, obj.y_hi)
+
+
+def scene_relation_margin(a: ShapeObject, b: ShapeObject, relation: str, size: int) -> float:
+    """:func:`got_jax.eval.geneval.relation_margin` of ``a`` relation ``b``, the smaller of its value on the
+    pixel boxes (what a detector sees) and on the GoT boxes (what the plan says)."""
+    ga, gb = object_box(a, size, size), object_box(b, size, size)
+    return min(relation_margin(pixel_box(a), pixel_box(b), relation),
+               relation_margin(ga.coords, gb.coords, relation))
+
+
+def scene_relations(a: ShapeObject, b: ShapeObject, size: int) -> set[str]:
+    """GenEval's relations of ``a`` to ``b`` that hold on their pixel boxes or on their GoT boxes."""
+    ga, gb = object_box(a, size, size), object_box(b, size, size)
+    return relative_position(pixel_box(a), pixel_box(b)) | relative_position(ga.coords, gb.coords)
+
+
+# ------------------------------------------------------------------------------------ held-out split
+
+SPLIT_SEED = 13  # fixes which combinations are held out (never change: it defines the benchmark)
+HELD_OUT_POSITION_PAIRS = 24  # per axis (left/right, above/below): 4 x 24 position combinations
+HELD_OUT_COLOR_ATTR_PAIRS = 15  # of 90 unordered pairs: 30 colour-attribution combinations
+EVAL_STREAM = 2  # rng stream of evaluation scenes; training uses 0 (generation) and 1 (editing)
+EVAL_SEED = 20_250_613
+
+
+def _attribute_pairs() -> list[tuple[str, str, str, str]]:
+    """Every ordered ((colour, shape), (colour, shape)) with different colours and different shapes."""
+    return [(c1, s1, c2, s2) for c1 in COLORS for s1 in SHAPES for c2 in COLORS for s2 in SHAPES
+            if c1 != c2 and s1 != s2]
+
+
+@functools.lru_cache(maxsize=None)
+def held_out() -> dict[str, tuple]:
+    """The fixed held-out split: ``"position"``: (c1, s1, relation, c2, s2) combinations (relation in GenEval's
+    words), closed under the mirror (A left of B held out <=> B right of A held out), in evaluation order
+    (relations interleaved); ``"color_attr"``: (c1, s1, c2, s2) combinations, closed under swapping the two
+    objects. Training scenes never realise one (:func:`leaks`); evaluation prompts come only from them."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    pairs = _attribute_pairs()
+    pos = {}
+    for rel in ("left of", "above"):
+        reps = [pairs[i] for i in rng.permutation(len(pairs))]
+        seen, chosen = set(), []
+        for c1, s1, c2, s2 in reps:  # a representative and its mirror are the same scene: one pair
+            if (c2, s2, c1, s1) in seen:
+                continue
+            seen.add((c1, s1, c2, s2))
+            chosen.append((c1, s1, c2, s2))
+            if len(chosen) == HELD_OUT_POSITION_PAIRS:
+                break
+        pos[rel] = [(c1, s1, rel, c2, s2) for c1, s1, c2, s2 in chosen]
+        pos[_MIRROR[rel]] = [(c2, s2, _MIRROR[rel], c1, s1) for c1, s1, c2, s2 in chosen]
+    half = HELD_OUT_POSITION_PAIRS // 2  # a mirror comes half a list later: the first prompts are distinct scenes
+    order = [pos[r][(i + half * (r in ("right of", "below"))) % HELD_OUT_POSITION_PAIRS]
+             for i in range(HELD_OUT_POSITION_PAIRS) for r in ("left of", "right of", "above", "below")]
+    seen, ca = set(), []
+    for i in rng.permutation(len(pairs)):
+        c1, s1, c2, s2 = pairs[i]
+        if (c1, s1, c2, s2) in seen:
+            continue
+        seen.update({(c1, s1, c2, s2), (c2, s2, c1, s1)})
+        ca.append((c1, s1, c2, s2))
+        if len(ca) == HELD_OUT_COLOR_ATTR_PAIRS:
+            break
+    ca = ca + [(c2, s2, c1, s1) for c1, s1, c2, s2 in ca]
+    return {"position": tuple(order), "color_attr": tuple(ca)}
+
+
+@functools.lru_cache(maxsize=None)
+def _held_sets() -> tuple[frozenset, frozenset]:
+    h = held_out()
+    return frozenset(h["position"]), frozenset(h["color_attr"])
+
+
+def scene_combinations(objects: list[ShapeObject], size: int) -> set[tuple]:
+    """The (c1, s1, relation, c2, s2) and (c1, s1, c2, s2) combinations a scene realises: every ordered pair of
+    objects with different shapes and colours, with every GenEval relation that holds between their boxes
+    (pixel or GoT boxes, ``size`` x ``size`` image)."""
+    out = set()
+    for a in objects:
+        for b in objects:
+            if a is b or a.shape == b.shape or a.color == b.color:
+                continue
+            out.add((a.color, a.shape, b.color, b.shape))
+            out.update((a.color, a.shape, rel, b.color, b.shape) for rel in scene_relations(a, b, size))
+    return out
+
+
+def leaks(objects: list[ShapeObject], size: int) -> set[tuple]:
+    """The held-out combinations a scene realises (empty for every training scene)."""
+    pos, ca = _held_sets()
+    return {c for c in scene_combinations(objects, size) if c in pos or c in ca}
+
+
+# ------------------------------------------------------------------------------------ scenes
 
 
 def _plural(shape: str, n: int) -> str:
     return shape if n == 1 else shape + "s"
 
 
-def sample_scene(rng: np.random.Generator, task: str, size: int) -> tuple[str, list[ShapeObject]]:
-    """A caption of GenEval task type ``task`` and the objects that satisfy it."""
+def _place_relation(rng, rel: str, n: int, first: tuple[str, str], ref: tuple[str, str], size: int):
+    """``n`` objects ``first`` (shape, colour) each in GenEval relation ``rel`` to one ``ref``, with margin."""
+    for _ in range(_MAX_TRIES):
+        cells = _cells(rng, n + 1, lambda cs: all(_CELL_RELATIONS[rel](a, cs[-1]) for a in cs[:-1]))
+        objs = [_place(rng, first[0], first[1], k, size) for k in cells[:-1]] + [_place(rng, ref[0], ref[1], cells[-1], size)]
+        if all(scene_relation_margin(o, objs[-1], rel, size) >= RELATION_MARGIN for o in objs[:-1]):
+            return objs
+    raise RuntimeError(f"no placement of {n} object(s) {rel} another at size {size} after {_MAX_TRIES} tries")
+
+
+def _position_caption(style: str, n: int, c1: str, s1: str, rel: str, c2: str, s2: str) -> str:
+    if style == "geneval":  # GenEval's template ("a photo of a dog right of a cup"), with the colours
+        return f"a photo of {article(c1)} {c1} {s1} {rel} {article(c2)} {c2} {s2}"
+    words = next(k for k, v in _RELATIONS.items() if v == rel)
+    return f"{NUMBER_WORDS[n]} {c1} {_plural(s1, n)} {words} {article(c2)} {c2} {s2}"
+
+
+def _draw(rng: np.random.Generator, task: str, size: int) -> tuple[str, list[ShapeObject]]:
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     if task in ("single_object", "colors"):
         s, c = pick(SHAPES), pick(COLORS)
@@ -143,25 +283,121 @@ def sample_scene(rng: np.random.Generator, task: str, size: int) -> tuple[str, l
         cap = f"a photo of a {s}" if task == "single_object" else f"a photo of {article(c)} {c} {s}"
         return cap, [_place(rng, s, c, cell, size)]
     if task in ("two_object", "color_attr"):
-        s1, s2 = rng.choice(SHAPES, 2, replace=False)
-        c1, c2 = rng.choice(COLORS, 2, replace=False)
+        s1, s2 = (str(x) for x in rng.choice(SHAPES, 2, replace=False))
+        c1, c2 = (str(x) for x in rng.choice(COLORS, 2, replace=False))
         cells = _cells(rng, 2)
-        objs = [_place(rng, str(s1), str(c1), cells[0], size), _place(rng, str(s2), str(c2), cells[1], size)]
-        cap = f"a photo of a {s1} and a {s2}" if task == "two_object" else f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}"
+        objs = [_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)]
+        cap = (f"a photo of a {s1} and a {s2}" if task == "two_object"
+               else f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}")
         return cap, objs
     if task == "counting":
         n, s, c = int(rng.integers(2, 5)), pick(SHAPES), pick(COLORS)
         return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", [_place(rng, s, c, k, size) for k in _cells(rng, n)]
     if task == "position":
-        rel = pick(list(_RELATIONS))
-        n = int(rng.integers(1, 3))
-        s1, s2 = rng.choice(SHAPES, 2, replace=False)
-        c1, c2 = rng.choice(COLORS, 2, replace=False)
-        cells = _cells(rng, n + 1, lambda cs: all(_RELATIONS[rel](a, cs[-1]) for a in cs[:-1]))
-        objs = [_place(rng, str(s1), str(c1), k, size) for k in cells[:-1]] + [_place(rng, str(s2), str(c2), cells[-1], size)]
-        cap = f"{NUMBER_WORDS[n]} {c1} {_plural(str(s1), n)} {rel} {article(str(c2))} {c2} {s2}"
-        return cap, objs
+        style = pick(("geneval", "counted"))
+        rel = pick(list(_CELL_RELATIONS))
+        n = 1 if style == "geneval" else int(rng.integers(1, 3))
+        s1, s2 = (str(x) for x in rng.choice(SHAPES, 2, replace=False))
+        c1, c2 = (str(x) for x in rng.choice(COLORS, 2, replace=False))
+        objs = _place_relation(rng, rel, n, (s1, c1), (s2, c2), size)
+        return _position_caption(style, n, c1, s1, rel, c2, s2), objs
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def sample_scene(rng: np.random.Generator, task: str, size: int) -> tuple[str, list[ShapeObject]]:
+    """A training caption of GenEval task type ``task`` and the objects that satisfy it: position relations
+    hold under GenEval's rule with margin :data:`RELATION_MARGIN`, and no held-out combination is realised
+    (the scene is redrawn until so)."""
+    for _ in range(_MAX_TRIES):
+        cap, objs = _draw(rng, task, size)
+        if not leaks(objs, size):
+            return cap, objs
+    raise RuntimeError(f"no training scene of task {task!r} free of held-out combinations in {_MAX_TRIES} tries")
+
+
+# ------------------------------------------------------------------------------------ evaluation prompts
+
+
+def geneval_metadata(task: str, spec: dict) -> dict:
+    """GenEval's metadata (``tag``, ``include``, ``exclude``) of an evaluation prompt ``spec``."""
+    if task == "single_object":
+        inc = [{"class": spec["shape"], "count": 1}]
+    elif task == "two_object":
+        inc = [{"class": spec["shapes"][0], "count": 1}, {"class": spec["shapes"][1], "count": 1}]
+    elif task == "counting":
+        return {"tag": task, "include": [{"class": spec["shape"], "count": spec["count"]}],
+                "exclude": [{"class": spec["shape"], "count": spec["count"] + 1}]}
+    elif task == "colors":
+        inc = [{"class": spec["shape"], "count": 1, "color": spec["color"]}]
+    elif task == "position":  # GenEval: the target first, then the object with its relation to group 0
+        c1, s1, rel, c2, s2 = spec["combo"]
+        inc = [{"class": s2, "count": 1}, {"class": s1, "count": 1, "position": [rel, 0]}]
+    elif task == "color_attr":
+        c1, s1, c2, s2 = spec["combo"]
+        inc = [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}]
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return {"tag": task, "include": inc}
+
+
+def _eval_spaces() -> dict[str, list[dict]]:
+    return {
+        "single_object": [{"shape": s} for s in SHAPES],
+        "two_object": [{"shapes": (a, b)} for a in SHAPES for b in SHAPES if a != b],
+        "counting": [{"shape": s, "count": n} for n in (2, 3, 4) for s in SHAPES],
+        "colors": [{"shape": s, "color": c} for s in SHAPES for c in COLORS],
+        "position": [{"combo": c} for c in held_out()["position"]],
+        "color_attr": [{"combo": c} for c in held_out()["color_attr"]],
+    }
+
+
+def _eval_scene(rng, task: str, spec: dict, size: int) -> tuple[str, list[ShapeObject]]:
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    if task == "single_object":
+        s = spec["shape"]
+        return f"a photo of a {s}", [_place(rng, s, pick(COLORS), _cells(rng, 1)[0], size)]
+    if task == "colors":
+        s, c = spec["shape"], spec["color"]
+        return f"a photo of {article(c)} {c} {s}", [_place(rng, s, c, _cells(rng, 1)[0], size)]
+    if task == "counting":
+        s, n = spec["shape"], spec["count"]
+        c = pick(COLORS)
+        return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", [_place(rng, s, c, k, size) for k in _cells(rng, n)]
+    if task == "two_object":
+        (s1, s2), cells = spec["shapes"], _cells(rng, 2)
+        c1, c2 = (str(x) for x in rng.choice(COLORS, 2, replace=False))
+        return f"a photo of a {s1} and a {s2}", [_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)]
+    if task == "color_attr":
+        c1, s1, c2, s2 = spec["combo"]
+        cells = _cells(rng, 2)
+        return (f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}",
+                [_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)])
+    c1, s1, rel, c2, s2 = spec["combo"]
+    return _position_caption("geneval", 1, c1, s1, rel, c2, s2), _place_relation(rng, rel, 1, (s1, c1), (s2, c2), size)
+
+
+def eval_prompts(task: str, n: int, size: int = 64) -> list[dict]:
+    """``n`` evaluation prompts of ``task`` in GenEval's phrasing: ``{"task", "index", "prompt", "metadata",
+    "objects"}`` where ``objects`` is a ground-truth scene of the prompt (drawn from the evaluation rng stream,
+    which training never uses). Position and colour-attribution prompts are the held-out combinations (in
+    :func:`held_out` order; asking for more than there are is an error); the small tasks cycle through their
+    few possible prompts in a fixed shuffled order."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    space = _eval_spaces()[task]
+    if task in ("position", "color_attr"):
+        if n > len(space):
+            raise ValueError(f"{n} {task} prompts asked for, but only {len(space)} combinations are held out")
+        order = list(range(len(space)))
+    else:
+        order = [int(i) for i in np.random.default_rng([EVAL_SEED, EVAL_STREAM, TASKS.index(task)]).permutation(len(space))]
+    out = []
+    for i in range(n):
+        spec = space[order[i % len(order)]]
+        rng = np.random.default_rng([EVAL_SEED, EVAL_STREAM, TASKS.index(task), i])
+        caption, objs = _eval_scene(rng, task, spec, size)
+        out.append({"task": task, "index": i, "prompt": caption, "metadata": geneval_metadata(task, spec), "objects": objs})
+    return out
 
 
 def got_text(caption: str, objects: list[ShapeObject], size: int) -> str:
@@ -173,48 +409,54 @@ def got_text(caption: str, objects: list[ShapeObject], size: int) -> str:
 
 
 def generation_example(seed: int, index: int, size: int) -> dict:
-    """One generation example: caption, GoT text, image (uint8 HWC) and the ground-truth boxes."""
+    """One generation example: caption, GoT text, image (uint8 HWC), the ground-truth GoT boxes and objects."""
     rng = np.random.default_rng([seed, 0, index])
     task = TASKS[index % len(TASKS)]
     caption, objs = sample_scene(rng, task, size)
     return {
         "id": f"gen_{index:07d}", "task": task, "caption": caption, "got": got_text(caption, objs, size),
-        "image": render(objs, size), "boxes": [object_box(o, size, size) for o in objs],
+        "image": render(objs, size), "boxes": [object_box(o, size, size) for o in objs], "objects": objs,
     }
 
 
 def editing_example(seed: int, index: int, size: int) -> dict:
-    """One editing pair (recolour / move / add / remove) with a numbered editing plan."""
+    """One editing pair (recolour / move / add / remove) with a numbered editing plan; neither image realises a
+    held-out combination (:func:`leaks`)."""
     rng = np.random.default_rng([seed, 1, index])
     kind = EDITS[index % len(EDITS)]
-    n = int(rng.integers(1 if kind in ("add", "recolor", "move") else 2, 4))
-    cells = _cells(rng, n + 1)
-    objs = [_place(rng, str(rng.choice(SHAPES)), str(rng.choice(COLORS)), k, size) for k in cells[:n]]
-    k = int(rng.integers(n))
-    tgt = list(objs)
-    if kind == "recolor":
-        new = str(rng.choice([c for c in COLORS if c != objs[k].color]))
-        tgt[k] = dataclasses.replace(objs[k], color=new)
-        instr = f"change the color of the {objs[k].color} {objs[k].shape} to {new}"
-        subject, result = objs[k], tgt[k]
-    elif kind == "move":
-        o = objs[k]
-        cs = size // GRID
-        dr, dc = divmod(cells[n], GRID)
-        r, c = divmod(o.cell, GRID)
-        dx, dy = (dc - c) * cs, (dr - r) * cs
-        tgt[k] = dataclasses.replace(o, x_lo=o.x_lo + dx, x_hi=o.x_hi + dx, y_lo=o.y_lo + dy, y_hi=o.y_hi + dy, cell=cells[n])
-        instr = f"move the {o.color} {o.shape} to the {['top', 'middle', 'bottom'][dr]} {['left', 'center', 'right'][dc]}"
-        subject, result = o, tgt[k]
-    elif kind == "add":
-        new = _place(rng, str(rng.choice(SHAPES)), str(rng.choice(COLORS)), cells[n], size)
-        tgt.append(new)
-        instr = f"add {new.phrase}"
-        subject, result = new, new
+    for _ in range(_MAX_TRIES):  # redrawn until neither image realises a held-out combination
+        n = int(rng.integers(1 if kind in ("add", "recolor", "move") else 2, 4))
+        cells = _cells(rng, n + 1)
+        objs = [_place(rng, str(rng.choice(SHAPES)), str(rng.choice(COLORS)), k, size) for k in cells[:n]]
+        k = int(rng.integers(n))
+        tgt = list(objs)
+        if kind == "recolor":
+            new = str(rng.choice([c for c in COLORS if c != objs[k].color]))
+            tgt[k] = dataclasses.replace(objs[k], color=new)
+            instr = f"change the color of the {objs[k].color} {objs[k].shape} to {new}"
+            subject, result = objs[k], tgt[k]
+        elif kind == "move":
+            o = objs[k]
+            cs = size // GRID
+            dr, dc = divmod(cells[n], GRID)
+            r, c = divmod(o.cell, GRID)
+            dx, dy = (dc - c) * cs, (dr - r) * cs
+            tgt[k] = dataclasses.replace(o, x_lo=o.x_lo + dx, x_hi=o.x_hi + dx, y_lo=o.y_lo + dy, y_hi=o.y_hi + dy, cell=cells[n])
+            instr = f"move the {o.color} {o.shape} to the {['top', 'middle', 'bottom'][dr]} {['left', 'center', 'right'][dc]}"
+            subject, result = o, tgt[k]
+        elif kind == "add":
+            new = _place(rng, str(rng.choice(SHAPES)), str(rng.choice(COLORS)), cells[n], size)
+            tgt.append(new)
+            instr = f"add {new.phrase}"
+            subject, result = new, new
+        else:
+            o = tgt.pop(k)
+            instr = f"remove the {o.color} {o.shape}"
+            subject, result = o, None
+        if not leaks(objs, size) and not leaks(tgt, size):
+            break
     else:
-        o = tgt.pop(k)
-        instr = f"remove the {o.color} {o.shape}"
-        subject, result = o, None
+        raise RuntimeError(f"no editing scene free of held-out combinations in {_MAX_TRIES} tries")
     sb = object_box(subject, size, size)
     names = ", ".join(o.phrase for o in objs)
     steps = [f"1. The source image shows {names} on a plain white background.\n", f"2. The object to edit is "]

@@ -263,7 +263,7 @@ class GoTPipeline:
                  max_new_tokens: int = 1024, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  only_return_got: bool = False, max_rounds: int = 1, crops_coords_top_left=(0, 0),
                  noise: tuple[np.ndarray, np.ndarray] | None = None, return_intermediates: bool = False,
-                 progress: bool = False) -> GoTOutput:
+                 progress: bool = False, zero_layout: bool = False) -> GoTOutput:
         """Sample GoT chains and images for a batch of prompts.
 
         ``images`` (one per prompt: PIL image, uint8 array or file path; None entries for T2I rows)
@@ -274,6 +274,8 @@ class GoTPipeline:
         overrides the random draws (NHWC latents). ``progress`` shows a per-step tqdm bar of the
         denoising loop (a host callback from inside the compiled loop). Scales follow the released names: g text
         (``guidance_scale``), c layout (``layout_guidance_scale``), i reference (``image_guidance_scale``).
+        ``zero_layout`` (the paper's "no spatial guidance" ablation): the layout latents are zero, whatever the
+        plan's boxes (the chain and its boxes are still generated and returned).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = len(prompts)
@@ -346,7 +348,7 @@ class GoTPipeline:
                         r.done = True
                 if paint:
                     self._paint([rows[i] for i in paint], paint, height, width, num_inference_steps, scales[paint],
-                                scheduler, crops_coords_top_left, noise, return_intermediates, progress)
+                                scheduler, crops_coords_top_left, noise, return_intermediates, progress, zero_layout)
                 if last_round:
                     break
         return self._output(rows, height, width, return_intermediates)
@@ -398,7 +400,7 @@ class GoTPipeline:
     # ------------------------------------------------------------------------------------ painting
 
     def _paint(self, rows: list[_Row], index: list[int], height, width, steps, scales, scheduler_name, crop,
-               noise, keep, progress):
+               noise, keep, progress, zero_layout=False):
         model = self.model
         q = list(self.ids.query)
         for r in rows:
@@ -435,7 +437,7 @@ class GoTPipeline:
             init = step_noise = None
         seeds = jnp.asarray([r.seed for r in rows], jnp.uint32)
         time_ids = jnp.asarray([[height, width, crop[0], crop[1], height, width]] * len(rows), jnp.float32)
-        fn = self._paint_fn(scheduler_name, steps, progress)
+        fn = self._paint_fn(scheduler_name, steps, progress, zero_layout)
         graphdef, state = nnx.split(model)
         bar = None
         if progress:
@@ -461,11 +463,12 @@ class GoTPipeline:
                 r.intermediates.append({"hidden": np.asarray(hidden[j]), "layout_latents": np.asarray(out["layout"][j]),
                                         "reference_latents": np.asarray(out["reference"][j]), "image": images[j]})
 
-    def _paint_fn(self, scheduler_name: str, steps: int, progress: bool):
-        key = (scheduler_name, steps, progress)
+    def _paint_fn(self, scheduler_name: str, steps: int, progress: bool, zero_layout: bool = False):
+        key = (scheduler_name, steps, progress, bool(zero_layout))
         if key not in self._paint_fns:
             sched = make_scheduler(scheduler_name, self.scheduler_config, steps)
-            self._paint_fns[key] = jax.jit(functools.partial(_paint_program, sched, progress), static_argnums=(0, 11))
+            self._paint_fns[key] = jax.jit(functools.partial(_paint_program, sched, progress, bool(zero_layout)),
+                                           static_argnums=(0, 11))
         return self._paint_fns[key]
 
     # ------------------------------------------------------------------------------------ output
@@ -493,12 +496,15 @@ def _tick(_step):
         _BARS[-1].update(1)
 
 
-def _paint_program(sched, progress, graphdef, state, hidden, canvases, box_mask, refs, seeds, scales, time_ids, init,
-                   step_noise, latent_shape):
-    """Guidance + the whole denoising loop + VAE decode, one program (jit with ``sched``/shapes static)."""
+def _paint_program(sched, progress, zero_layout, graphdef, state, hidden, canvases, box_mask, refs, seeds, scales,
+                   time_ids, init, step_noise, latent_shape):
+    """Guidance + the whole denoising loop + VAE decode, one program (jit with ``sched``/shapes static);
+    ``zero_layout`` zeroes the layout latents (no spatial guidance)."""
     model = nnx.merge(graphdef, state)
     context, null, pooled = model.semantic_guidance(hidden)
     layout = model.layout_latents(canvases, box_mask)
+    if zero_layout:
+        layout = jnp.zeros_like(layout)
     reference = model.encode_mode_each(refs)
 
     keys = jax.vmap(jax.random.key)(seeds)

@@ -1,0 +1,320 @@
+r"""Shapes-GenEval: GenEval's six tasks on the synthetic shapes world, for a GoT checkpoint.
+
+    python -m got_jax.eval.shapes --ckpt DIR --out DIR [--prompts_per_task 12] [--images_per_prompt 4] \
+        [--size 64] [--steps 50] [--no_layout]
+
+Prompts (:func:`got_jax.data.shapes.eval_prompts`, GenEval's phrasing): position and colour attribution use
+the held-out combinations that training never sees; single object, two objects, counting and colours use
+scenes of an rng stream training never uses. Every prompt is sampled ``images_per_prompt`` times with fixed
+seeds (``seed + 10000 * task + images_per_prompt * prompt + k``) through :class:`GoTPipeline` (the converted
+folder ``--ckpt`` loaded as ``sample.py --ckpt`` does), in batches of a fixed size (the last one padded), so
+the compiled programs see one shape.
+
+Scoring (:mod:`got_jax.eval.geneval`): each image goes through the palette detector
+(:mod:`got_jax.eval.detect`); each generated GoT plan is read with :func:`got_jax.got.text.parse_got` into
+the same detections (class from the box phrase, colour from the box's colour). Both are scored by GenEval's
+rules against the prompt's metadata, so plan accuracy and image accuracy sit side by side: a wrong plan
+drawn faithfully fails both; a right plan drawn wrongly fails the image only. Position follows GenEval
+(shapes and relation; colours in a position prompt are not scored).
+
+Writes ``DIR/results.json`` (settings, per-task and overall accuracies, every sample with its reasons),
+``DIR/images/{task}_{prompt:03d}_{k}.png`` and ``DIR/failures.png`` (a contact sheet of the failed samples:
+image with the plan's boxes, prompt, reasons), and prints the table. ``--no_layout`` samples with zeroed
+layout latents (the paper's "no spatial guidance" ablation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from got_jax.data import shapes
+from got_jax.eval import detect, geneval
+from got_jax.got.layout import draw_overlay
+from got_jax.got.text import parse_got
+
+_SHAPE_WORD = re.compile(r"\b(" + "|".join(shapes.SHAPES) + r")s?\b")
+_COLOR_WORD = re.compile(r"\b(" + "|".join(shapes.COLORS) + r")\b")
+TILE = 192  # contact-sheet image side (images are upscaled, nearest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How the images are sampled (stored in results.json)."""
+
+    prompts_per_task: int = 12
+    images_per_prompt: int = 4
+    size: int = 64
+    steps: int = 50
+    guidance_scale: float = 7.5
+    layout_guidance_scale: float = 4.0
+    image_guidance_scale: float = 1.0
+    scheduler: str = "ddpm"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    batch_size: int = 8
+    seed: int = 0
+    no_layout: bool = False
+    tasks: tuple[str, ...] = shapes.TASKS
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def plan_detections(got_text: str) -> list[geneval.Detection]:
+    """The objects a GoT plan states: one per box whose phrase names a shape; colour = the box's colour tag
+    (else a colour word of the phrase, else None); box in 0..1000 units."""
+    out = []
+    for b in parse_got(got_text):
+        phrase = b.phrase or ""
+        m = _SHAPE_WORD.search(phrase)
+        if m is None:
+            continue
+        color = b.color
+        if color is None:
+            c = _COLOR_WORD.search(phrase)
+            color = c.group(1) if c else None
+        out.append(geneval.Detection(m.group(1), color, tuple(float(v) for v in b.coords),
+                                     float((b.x2 - b.x1) * (b.y2 - b.y1))))
+    return out
+
+
+def score_image(image, metadata) -> tuple[bool, str, list[geneval.Detection]]:
+    """(correct, reason, detections) of one image against a prompt's GenEval metadata."""
+    dets = detect.detect(image)
+    ok, reason = geneval.evaluate(geneval.by_class(dets), metadata)
+    return ok, reason, dets
+
+
+def score_plan(got_text: str, metadata) -> tuple[bool, str]:
+    """(correct, reason) of a generated GoT plan: object count, colours and box-centre relations, by the same
+    rules as the images."""
+    return geneval.evaluate(geneval.by_class(plan_detections(got_text)), metadata)
+
+
+def summarize(samples: Sequence[dict], tasks: Sequence[str]) -> dict:
+    """Per-task image / plan accuracy (mean over images) and GenEval's overall (mean over tasks)."""
+    per = {}
+    for t in tasks:
+        rows = [s for s in samples if s["task"] == t]
+        if not rows:
+            raise ValueError(f"no samples for task {t!r}")
+        per[t] = {"prompts": len({s["index"] for s in rows}), "images": len(rows),
+                  "image_accuracy": float(np.mean([s["correct"] for s in rows])),
+                  "plan_accuracy": float(np.mean([s["plan_correct"] for s in rows]))}
+    return {"tasks": per, "overall": {"image": geneval.overall({t: v["image_accuracy"] for t, v in per.items()}),
+                                      "plan": geneval.overall({t: v["plan_accuracy"] for t, v in per.items()})}}
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9}"]
+    for t, v in summary["tasks"].items():
+        lines.append(f"{t:<14} {v['prompts']:>7} {v['images']:>6} {v['image_accuracy']:>9.3f} {v['plan_accuracy']:>9.3f}")
+    o = summary["overall"]
+    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def eval_jobs(settings: Settings) -> list[dict]:
+    """Every (prompt, image) to sample: task, prompt index, image k, prompt, metadata and the fixed seed."""
+    jobs = []
+    for t in settings.tasks:
+        ti = shapes.TASKS.index(t)
+        for p in shapes.eval_prompts(t, settings.prompts_per_task, settings.size):
+            for k in range(settings.images_per_prompt):
+                seed = settings.seed + 10_000 * ti + settings.images_per_prompt * p["index"] + k
+                jobs.append({"task": t, "index": p["index"], "k": k, "prompt": p["prompt"],
+                             "metadata": p["metadata"], "seed": seed})
+    return jobs
+
+
+def sample_jobs(pipe, jobs: list[dict], settings: Settings, log=print) -> list[tuple[Image.Image, str]]:
+    """(image, GoT text) per job, in fixed-size batches (the last padded with copies of its last job)."""
+    out = []
+    bs = max(1, settings.batch_size)
+    for start in range(0, len(jobs), bs):
+        batch = jobs[start:start + bs]
+        padded = batch + [batch[-1]] * (bs - len(batch))
+        t0 = time.perf_counter()
+        res = pipe([j["prompt"] for j in padded], seed=[j["seed"] for j in padded], mode="t2i",
+                   height=settings.size, width=settings.size, num_inference_steps=settings.steps,
+                   guidance_scale=settings.guidance_scale, layout_guidance_scale=settings.layout_guidance_scale,
+                   image_guidance_scale=settings.image_guidance_scale, scheduler=settings.scheduler,
+                   max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                   zero_layout=settings.no_layout)
+        out.extend(zip(res.images[:len(batch)], res.got_texts[:len(batch)]))
+        log(f"sampled {min(start + bs, len(jobs))}/{len(jobs)} images ({time.perf_counter() - t0:.1f} s this batch)")
+    return out
+
+
+def evaluate_samples(jobs: list[dict], sampled: Sequence[tuple[Image.Image, str]]) -> list[dict]:
+    """Scores each sampled (image, GoT text) of ``jobs``: image and plan side by side."""
+    samples = []
+    for job, (img, got) in zip(jobs, sampled, strict=True):
+        ok, reason, dets = score_image(img, job["metadata"])
+        plan_ok, plan_reason = score_plan(got, job["metadata"])
+        samples.append({**job, "correct": bool(ok), "reason": reason, "plan_correct": bool(plan_ok),
+                        "plan_reason": plan_reason, "got_text": got,
+                        "detections": [[d.cls, d.color, list(d.box)] for d in dets]})
+    return samples
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def contact_sheet(samples: Sequence[dict], images: Sequence[Image.Image], *, columns: int = 6,
+                  max_tiles: int = 48) -> Image.Image:
+    """Failed samples (image or plan wrong) as tiles: the image (upscaled) with the plan's boxes, then the
+    prompt, the image verdict and the plan verdict with their first reasons."""
+    fails = [(s, im) for s, im in zip(samples, images) if not (s["correct"] and s["plan_correct"])][:max_tiles]
+    text_h = 96
+    if not fails:
+        sheet = Image.new("RGB", (TILE * 2, 40), (255, 255, 255))
+        ImageDraw.Draw(sheet).text((6, 12), "no failures", fill=(0, 0, 0))
+        return sheet
+    cols = min(columns, len(fails))
+    rows = -(-len(fails) // cols)
+    sheet = Image.new("RGB", (cols * (TILE + 4), rows * (TILE + text_h + 4)), (225, 225, 225))
+    draw = ImageDraw.Draw(sheet)
+    for n, (s, im) in enumerate(fails):
+        r, c = divmod(n, cols)
+        x, y = c * (TILE + 4), r * (TILE + text_h + 4)
+        tile = draw_overlay(im.convert("RGB").resize((TILE, TILE), Image.NEAREST), parse_got(s["got_text"]))
+        sheet.paste(tile, (x, y))
+        verdict = lambda ok, why: "ok" if ok else "FAIL " + (why.splitlines()[0] if why else "")  # noqa: E731
+        text = (textwrap.wrap(f"[{s['task']}] {s['prompt']}", 34)
+                + textwrap.wrap("image: " + verdict(s["correct"], s["reason"]), 34)[:2]
+                + textwrap.wrap("plan: " + verdict(s["plan_correct"], s["plan_reason"]), 34)[:2])
+        for li, line in enumerate(text[:8]):
+            draw.text((x + 2, y + TILE + 2 + 11 * li), line, fill=(0, 0, 0))
+    return sheet
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run(pipe, out: str | os.PathLike, settings: Settings, *, ckpt: str | None = None, log=print) -> dict:
+    """Samples, scores and writes everything under ``out``; returns the results dict (as in results.json)."""
+    unknown = [t for t in settings.tasks if t not in shapes.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; expected some of {shapes.TASKS}")
+    if settings.prompts_per_task < 1 or settings.images_per_prompt < 1:
+        raise ValueError("prompts_per_task and images_per_prompt must be >= 1")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = eval_jobs(settings)
+    t0 = time.perf_counter()
+    sampled = sample_jobs(pipe, jobs, settings, log)
+    seconds = time.perf_counter() - t0
+    samples = evaluate_samples(jobs, sampled)
+    images = [im for im, _ in sampled]
+    for s, im in zip(samples, images):
+        s["image"] = f"images/{s['task']}_{s['index']:03d}_{s['k']}.png"
+        _atomic_write(out / s["image"], lambda p, im=im: im.save(p, format="PNG"))
+    summary = summarize(samples, settings.tasks)
+    results = {"ckpt": ckpt, "settings": {**dataclasses.asdict(settings), "tasks": list(settings.tasks)},
+               "sampling_seconds": seconds, **summary, "samples": samples}
+    _atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1) + "\n"))
+    _atomic_write(out / "failures.png", lambda p: contact_sheet(samples, images).save(p, format="PNG"))
+    log(format_table(summary))
+    log(f"wrote {out}/results.json, {out}/failures.png and {len(samples)} images")
+    return results
+
+
+def load_pipeline(ckpt: str, dtype: str = "float32"):
+    """The converted folder ``ckpt`` as ``sample.py --ckpt`` loads it (one device, no mesh)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
+    from got_jax.got.pipeline import GoTPipeline  # noqa: PLC0415
+    from got_jax.models.options import ModelOptions  # noqa: PLC0415
+
+    opts = ModelOptions(dtype=jnp.dtype(dtype), param_dtype=read_config(ckpt).get("param_dtype") or "float32")
+    return GoTPipeline.from_pretrained(ckpt, options=opts)
+
+
+def main(argv=None) -> dict:
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="converted GoT folder (sample.py --ckpt)")
+    p.add_argument("--out", required=True, help="output folder (results.json, failures.png, images/)")
+    p.add_argument("--prompts_per_task", type=int, default=d.prompts_per_task)
+    p.add_argument("--images_per_prompt", type=int, default=d.images_per_prompt)
+    p.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--guidance_scale", type=float, default=d.guidance_scale)
+    p.add_argument("--layout_guidance_scale", type=float, default=d.layout_guidance_scale)
+    p.add_argument("--image_guidance_scale", type=float, default=d.image_guidance_scale)
+    p.add_argument("--scheduler", default=d.scheduler)
+    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per pipeline call (fixed)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated subset of " + ",".join(shapes.TASKS))
+    p.add_argument("--no_layout", action="store_true", help="zero the layout latents at sampling (ablation)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    a = p.parse_args(argv)
+    tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip())
+    settings = Settings(prompts_per_task=a.prompts_per_task, images_per_prompt=a.images_per_prompt, size=a.size,
+                        steps=a.steps, guidance_scale=a.guidance_scale, layout_guidance_scale=a.layout_guidance_scale,
+                        image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler,
+                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
+                        seed=a.seed, no_layout=a.no_layout, tasks=tasks)
+    unknown = [t for t in tasks if t not in shapes.TASKS]
+    if unknown:  # before the model loads
+        p.error(f"--tasks: unknown task(s) {unknown}; expected some of {','.join(shapes.TASKS)}")
+    for t in ("position", "color_attr"):
+        held = len(shapes.held_out()[t])
+        if t in tasks and a.prompts_per_task > held:
+            p.error(f"--prompts_per_task {a.prompts_per_task}: only {held} {t} combinations are held out")
+    _check_size(p, a.ckpt, a.size)
+    pipe = load_pipeline(a.ckpt, a.dtype)
+    return run(pipe, a.out, settings, ckpt=a.ckpt)
+
+
+def _check_size(parser, ckpt: str, size: int) -> None:
+    """Before the model loads: the folder is a converted one and ``size`` is a multiple of its VAE factor x UNet
+    down-sampling."""
+    from got_jax.checkpoint.errors import CheckpointError  # noqa: PLC0415
+    from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
+
+    try:
+        cfg = read_config(ckpt)
+    except CheckpointError as e:
+        parser.error(f"--ckpt: {e}")
+    try:
+        f = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1) * 2 ** (len(cfg["unet"]["block_out_channels"]) - 1)
+    except (KeyError, TypeError) as e:
+        parser.error(f"--ckpt {ckpt}: config.json has no vae / unet block_out_channels ({e})")
+    if size <= 0 or size % f:
+        parser.error(f"--size {size}: must be a positive multiple of {f} for {ckpt} (VAE factor x UNet down-sampling)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Shapes-GenEval: GenEval's rules, the palette detector on ground-truth and wrong renders, plan scoring, the
+pipeline's ``zero_layout`` and the ``python -m got_jax.eval.shapes`` CLI on a tiny random-weight folder."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from got_jax.data import shapes
+from got_jax.eval import detect, geneval
+from got_jax.eval import shapes as ev
+
+SIZE = 64  # the demo's image size
+N_SMALL = 36  # prompts per small task (every possible prompt, cycled, with fresh scenes)
+
+
+def _all_prompts(size=SIZE):
+    out = []
+    for t in shapes.TASKS:
+        n = len(shapes.held_out()[t]) if t in ("position", "color_attr") else N_SMALL
+        out += shapes.eval_prompts(t, n, size)
+    return out
+
+
+def _image_ok(img, metadata):
+    return geneval.evaluate(geneval.by_class(detect.detect(img)), metadata)[0]
+
+
+# ------------------------------------------------------------------------------------ GenEval's rules
+
+
+def test_position_rule_boundaries_computed_from_the_rule():
+    """Two 10 x 10 boxes on one row: the x offset shrinks by 0.1 * (10 + 10) = 2, then is divided by |offset|,
+    so "left of" needs (|ox| - 2) / |ox| > 0.5, i.e. |ox| > 4; at |ox| = 4 exactly it is 0.5 (no relation)."""
+    b = (50.0, 50.0, 60.0, 60.0)
+    at = lambda ox, oy: (50.0 + ox, 50.0 + oy, 60.0 + ox, 60.0 + oy)  # noqa: E731
+    assert geneval.position_offset(at(-4.0, 0.0), b) == (-0.5, 0.0)
+    assert geneval.relative_position(at(-4.0, 0.0), b) == set()
+    assert geneval.relative_position(at(-4.5, 0.0), b) == {"left of"}
+    assert geneval.relative_position(at(4.5, 0.0), b) == {"right of"}
+    assert geneval.relative_position(at(0.0, -4.5), b) == {"above"}  # y grows downwards
+    assert geneval.relative_position(at(0.0, 4.5), b) == {"below"}
+    # nothing left after shrinking on either axis: no relation at all (not even a weak one)
+    assert geneval.position_offset(at(-2.0, 1.5), b) is None and geneval.relative_position(at(-2.0, 1.5), b) == set()
+    # a diagonal: each axis (30 - 2) / (30 * sqrt 2) = 0.66 > 0.5 -> both relations hold
+    assert geneval.relative_position(at(-30.0, -30.0), b) == {"left of", "above"}
+    # the other axis counts in the norm: ox = -10, oy = 8 -> dx = -8 / hypot(10, 8) = -0.62; dy = 6 / 12.8 = 0.47
+    dx, dy = geneval.position_offset(at(-10.0, 8.0), b)
+    assert math.isclose(dx, -8 / math.hypot(10, 8)) and math.isclose(dy, 6 / math.hypot(10, 8))
+    assert geneval.relative_position(at(-10.0, 8.0), b) == {"left of"}
+    # box sizes matter: the same offset between two 40-wide boxes shrinks by 8 -> (10 - 8) / 10 = 0.2
+    wide = (50.0, 50.0, 90.0, 60.0)
+    assert geneval.relative_position((40.0, 50.0, 80.0, 60.0), wide) == set()
+    # margins: positive iff the relation holds and is the only one
+    assert math.isclose(geneval.relation_margin(at(-10.0, 0.0), b, "left of"), min(0.8 - 0.5, 0.5))
+    assert geneval.relation_margin(at(-10.0, 0.0), b, "right of") < 0
+    assert geneval.relation_margin(at(-30.0, -30.0), b, "left of") < 0  # "above" holds as well
+
+
+def _det(cls, color, box, conf=1.0):
+    return geneval.Detection(cls, color, box, (box[2] - box[0]) * (box[3] - box[1]), conf)
+
+
+def test_counting_needs_exactly_n_and_colour_checks_the_most_confident():
+    meta = {"include": [{"class": "circle", "count": 3}], "exclude": [{"class": "circle", "count": 4}]}
+    circles = [_det("circle", "red", (10.0 * i, 0.0, 10.0 * i + 8, 8.0)) for i in range(5)]
+    other = [_det("square", "blue", (0.0, 50.0, 9.0, 59.0))]
+    verdicts = [geneval.evaluate(geneval.by_class(circles[:n] + other), meta)[0] for n in range(6)]
+    assert verdicts == [False, False, False, True, False, False]
+    assert "expected circle<4, found 4" in geneval.evaluate(geneval.by_class(circles[:4]), meta)[1]
+    # colour: GenEval classifies the top `count` detections of the class (by confidence) only
+    meta = {"include": [{"class": "circle", "count": 1, "color": "red"}]}
+    dets = [_det("circle", "blue", (0.0, 0.0, 9.0, 9.0), 0.9), _det("circle", "red", (20.0, 0.0, 29.0, 9.0), 0.8)]
+    assert not geneval.evaluate(geneval.by_class(dets), meta)[0]
+    dets[1] = dataclasses.replace(dets[1], confidence=0.95)
+    assert geneval.evaluate(geneval.by_class(dets), meta)[0]
+
+
+def test_position_requirement_every_object_against_every_target():
+    meta = {"include": [{"class": "square", "count": 1}, {"class": "circle", "count": 2, "position": ["left of", 0]}]}
+    sq = _det("square", "red", (40.0, 0.0, 50.0, 10.0))
+    left = [_det("circle", "blue", (0.0, 0.0, 10.0, 10.0)), _det("circle", "blue", (10.0, 0.0, 20.0, 10.0))]
+    assert geneval.evaluate(geneval.by_class([sq] + left), meta) == (True, "")
+    right = dataclasses.replace(left[1], box=(60.0, 0.0, 70.0, 10.0))
+    ok, why = geneval.evaluate(geneval.by_class([sq, left[0], right]), meta)
+    assert not ok and "expected circle left of target, found right of target" in why
+    ok, why = geneval.evaluate(geneval.by_class(left), meta)  # no square: the target group failed
+    assert not ok and "no target for circle to be left of" in why
+    assert geneval.overall({"a": 1.0, "b": 0.5, "c": 0.0}) == 0.5
+
+
+# ------------------------------------------------------------------------------------ the detector
+
+
+def test_detector_on_ground_truth_renders():
+    """Ground truth of every evaluation prompt (and of training examples) passes at >= 0.98 per task, and the
+    detector recovers the drawn objects themselves (shape, colour, exact pixel box)."""
+    per, exact, n = {t: [] for t in shapes.TASKS}, 0, 0
+    for p in _all_prompts():
+        img = shapes.render(p["objects"], SIZE)
+        dets = detect.detect(img)
+        per[p["task"]].append(geneval.evaluate(geneval.by_class(dets), p["metadata"])[0])
+        exact += sorted((d.cls, d.color, tuple(map(int, d.box))) for d in dets) == sorted(
+            (o.shape, o.color, shapes.pixel_box(o)) for o in p["objects"])
+        n += 1
+    acc = {t: float(np.mean(v)) for t, v in per.items()}
+    assert min(acc.values()) >= 0.98, acc
+    assert exact / n >= 0.98
+    for i in range(120):
+        ex = shapes.generation_example(11, i, SIZE)
+        got = sorted((d.cls, d.color, tuple(map(int, d.box))) for d in detect.detect(ex["image"]))
+        assert got == sorted((o.shape, o.color, shapes.pixel_box(o)) for o in ex["objects"]), ex["caption"]
+
+
+def _wrong_scenes(p, rng):
+    """Renders that contradict prompt ``p`` (wrong counts, colours, shapes, positions), as object lists."""
+    objs, t = p["objects"], p["task"]
+    other = lambda seq, x: [v for v in seq if v != x][int(rng.integers(len(seq) - 1))]  # noqa: E731
+    if t == "single_object":
+        return [[dataclasses.replace(objs[0], shape=other(shapes.SHAPES, objs[0].shape))], []]
+    if t == "two_object":
+        third = next(s for s in shapes.SHAPES if s not in (objs[0].shape, objs[1].shape))
+        return [objs[:1], objs[1:], [objs[0], dataclasses.replace(objs[1], shape=third)]]
+    if t == "counting":
+        free = [c for c in range(shapes.GRID ** 2) if c not in {o.cell for o in objs}]
+        extra = shapes._place(rng, objs[0].shape, objs[0].color, free[0], SIZE)
+        return [objs[:-1], objs + [extra]]
+    if t == "colors":
+        return [[dataclasses.replace(objs[0], color=other(shapes.COLORS, objs[0].color))]]
+    if t == "color_attr":
+        a, b = objs
+        return [[dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)],
+                [dataclasses.replace(a, color=other(shapes.COLORS, a.color)), b]]
+    # position: mirror the boxes across the image centre on the relation's axis (shapes stay upright)
+    rel = p["metadata"]["include"][1]["position"][0]
+    if rel in ("left of", "right of"):
+        mirror = [dataclasses.replace(o, x_lo=SIZE - o.x_hi, x_hi=SIZE - o.x_lo) for o in objs]
+    else:
+        mirror = [dataclasses.replace(o, y_lo=SIZE - o.y_hi, y_hi=SIZE - o.y_lo) for o in objs]
+    a, b = objs
+    swapped_shapes = [dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)]
+    return [mirror, swapped_shapes]
+
+
+def test_detector_rejects_wrong_renders():
+    """Renders of wrong counts, colours, shapes and positions, scored against the prompt: every one fails."""
+    rng = np.random.default_rng(0)
+    checked = {t: 0 for t in shapes.TASKS}
+    for p in _all_prompts():
+        for objs in _wrong_scenes(p, rng):
+            assert not _image_ok(shapes.render(objs, SIZE), p["metadata"]), (p["prompt"], objs)
+            checked[p["task"]] += 1
+    assert min(checked.values()) >= 30, checked
+    # pure noise holds no objects; a blurred object is still found
+    noise = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+    assert detect.detect(noise) == []
+    p = shapes.eval_prompts("colors", 1)[0]
+    blurred = np.asarray(Image.fromarray(shapes.render(p["objects"], SIZE)).resize((SIZE // 2, SIZE // 2), Image.BILINEAR)
+                         .resize((SIZE, SIZE), Image.BILINEAR))
+    assert _image_ok(blurred, p["metadata"])
+
+
+def test_detector_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image, got shape \(8, 8\)"):
+        detect.detect(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="expected a uint8 image, got float32"):
+        detect.detect(np.zeros((8, 8, 3), np.float32))
+
+
+# ------------------------------------------------------------------------------------ plan scoring
+
+
+def test_plan_scoring_on_correct_and_wrong_plans():
+    """The GoT text of each ground-truth scene satisfies its prompt; plans of wrong scenes do not; a plan
+    without colour tags falls back to the colour word of its phrases; boxes without a shape are ignored."""
+    rng = np.random.default_rng(0)
+    for p in _all_prompts():
+        assert ev.score_plan(shapes.got_text(p["prompt"], p["objects"], SIZE), p["metadata"])[0], p["prompt"]
+        for objs in _wrong_scenes(p, rng):
+            assert not ev.score_plan(shapes.got_text(p["prompt"], objs, SIZE), p["metadata"])[0], (p["prompt"], objs)
+    meta = {"include": [{"class": "circle", "count": 1, "color": "red"}]}
+    plan = "<|object_ref_start|>a red circle<|object_ref_end|><|box_start|>(100,100),(300,300)<|box_end|>"
+    assert ev.score_plan(plan, meta)[0]
+    assert not ev.score_plan(plan.replace("red", "blue"), meta)[0]
+    assert ev.plan_detections("no boxes at all") == []
+    assert ev.plan_detections("<|object_ref_start|>a cat<|object_ref_end|><|box_start|>(1,1),(9,9)<|box_end|> (red)") == []
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A converted GoT folder (config, params, tokenizer) of the tiny random-weight demo GoT."""
+    from got_jax.checkpoint.orbax_io import pure_tree, write_checkpoint_folder
+    from got_jax.got.demo import demo_config, random_model
+    from got_jax.got.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    config = demo_config()
+    folder = tmp_path_factory.mktemp("evalckpt") / "ckpt"
+    toks = {p.name: str(p) for p in BUNDLED_TOKENIZER_DIR.iterdir() if p.is_file()}
+    write_checkpoint_folder(str(folder), dict(config, param_dtype="float32"), pure_tree(random_model(config, 0)), toks)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_ckpt):
+    """The folder loaded as the CLI loads it (shared: its compiled programs serve both tests below)."""
+    return ev.load_pipeline(str(tiny_ckpt))
+
+
+@pytest.mark.slow
+def test_zero_layout_zeroes_the_layout_latents(tiny_pipe):
+    """GoTPipeline(zero_layout=True): the layout latents are exactly zero, so the layout guidance term
+    c * (e1 - e2) vanishes and the image does not depend on the layout scale c; the chain and its boxes are
+    still returned. (That the layout latents are the plan's otherwise is the pipeline parity tests' job.)"""
+    plan = "<|object_ref_start|>a red circle<|object_ref_end|><|box_start|>(100,100),(500,600)<|box_end|> (red)"
+    kw = dict(got_texts=[plan] * 2, height=32, width=32, num_inference_steps=2, seed=[3, 4], return_intermediates=True,
+              zero_layout=True)
+    c4 = tiny_pipe(["a red circle"] * 2, layout_guidance_scale=4.0, **kw)
+    c0 = tiny_pipe(["a red circle"] * 2, layout_guidance_scale=0.0, **kw)
+    for out in (c4, c0):
+        assert out.got_texts[0].startswith(plan) and len(out.plans[0]) == 1
+        for row in out.intermediates:
+            assert row[0]["layout_latents"].shape == (4, 4, 4) and np.abs(row[0]["layout_latents"]).max() == 0
+    for a, b in zip(c4.intermediates, c0.intermediates):
+        np.testing.assert_allclose(a[0]["image"], b[0]["image"], atol=1e-6)
+    assert np.abs(c4.intermediates[0][0]["image"] - c4.intermediates[1][0]["image"]).max() > 1e-3  # seeds differ
+
+
+@pytest.mark.slow
+def test_cli_writes_table_json_and_contact_sheet(tiny_ckpt, tiny_pipe, tmp_path, capsys, monkeypatch):
+    """``python -m got_jax.eval.shapes`` (its main) on the tiny folder: 1 prompt per task, 1 image, 2 steps. The
+    folder is loaded by ``load_pipeline`` once for the module (the fixture); main gets that pipeline."""
+    loads = []
+    monkeypatch.setattr(ev, "load_pipeline", lambda ckpt, dtype: loads.append((ckpt, dtype)) or tiny_pipe)
+    out = tmp_path / "eval"
+    res = ev.main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--prompts_per_task", "1", "--images_per_prompt", "1",
+                   "--steps", "2", "--size", "32", "--max_new_tokens", "8", "--batch_size", "2", "--no_layout"])
+    assert loads == [(str(tiny_ckpt), "float32")]
+    printed = capsys.readouterr().out
+    for t in shapes.TASKS:
+        assert any(line.startswith(t) for line in printed.splitlines()), printed
+    assert "overall" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["no_layout"] is True and saved["ckpt"] == str(tiny_ckpt)
+    assert set(saved["tasks"]) == set(shapes.TASKS) and len(saved["samples"]) == 6
+    accs = [v["image_accuracy"] for v in saved["tasks"].values()]
+    assert saved["overall"]["image"] == pytest.approx(np.mean(accs)) == res["overall"]["image"]
+    for s in saved["samples"]:
+        assert s["prompt"] == shapes.eval_prompts(s["task"], 1, 32)[0]["prompt"]
+        assert Image.open(out / s["image"]).size == (32, 32)
+        assert s["correct"] == _image_ok(np.asarray(Image.open(out / s["image"])), s["metadata"])
+    sheet = Image.open(out / "failures.png")
+    fails = sum(not (s["correct"] and s["plan_correct"]) for s in saved["samples"])
+    assert fails > 0 and sheet.size[0] >= ev.TILE  # random weights: plans cannot satisfy the prompts
+    # bad arguments fail before the model loads
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--tasks", "spatial"])
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", "/nonexistent", "--out", str(out), "--prompts_per_task", "97", "--tasks", "position"])
+    assert "only 96 position combinations are held out" in capsys.readouterr().err
+    for args, msg in ((["--ckpt", str(tmp_path / "none")], "--ckpt: "), (["--ckpt", str(tiny_ckpt), "--size", "40"],
+                                                                         "--size 40: must be a positive multiple of 16")):
+        with pytest.raises(SystemExit):
+            ev.main(args + ["--out", str(out)])
+        assert msg in capsys.readouterr().err
+    assert loads == [(str(tiny_ckpt), "float32")]  # none of the bad calls got to loading
