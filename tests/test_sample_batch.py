@@ -192,3 +192,13 @@ def test_text_files_shards_and_ids(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(it.PromptsFileError, match="no rows"):
         it.read_prompts_file(str(tmp_path / "empty.jsonl"))
+
+
+def test_grid_image_places_images_row_major():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (200, 100, 0)]
+    grid = np.asarray(runner.grid_image([Image.new("RGB", (6, 4), c) for c in colours]))
+    assert grid.shape == (2 * 4, 3 * 6, 3)  # 5 images: ceil(sqrt(5)) = 3 columns, 2 rows
+    for k, c in enumerate(colours):
+        r, col = divmod(k, 3)
+        assert grid[r * 4 + 1, col * 6 + 2].tolist() == list(c)
+    assert grid[4 + 1, 2 * 6 + 2].tolist() == [128, 128, 128]  # the empty cell stays grey
