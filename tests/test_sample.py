@@ -143,3 +143,16 @@ def test_two_processes_share_the_prompts_file(tmp_path):
     assert ids == [{"r0", "r2", "r4"}, {"r1", "r3"}]
     assert all((tmp_path / "o" / f"r{i}.png").is_file() for i in range(5))
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_converters_share_the_conventions(tmp_path, capsys):
+    """got_jax.convert.*: one line on stderr with status 2; --verbosity=1 raises (the traceback) instead."""
+    from got_jax.checkpoint import CheckpointError
+    from got_jax.convert import sdxl
+
+    args = ["--sdxl_dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    assert sdxl.main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith(f": error: --sdxl_dir: {tmp_path / 'none'} is not a folder") and "--verbosity=1" in err[1]
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        sdxl.main(args + ["--verbosity=1"])
