@@ -72,7 +72,9 @@ def readme_commands() -> list[str]:
 
 
 def group_of(cmd: str) -> str:
-    for key, group in (("gcloud ", "pod"), ("--coordinator_address", "pod"), ("train.py", "train"),
+    if "train.py" in cmd and ("gcloud " in cmd or "--coordinator_address" in cmd):
+        return "pod"  # launch lines for pods / several processes: checked, not run
+    for key, group in (("train.py", "train"),
                        ("got_jax.train.export", "export"), ("got_jax.convert", "convert"), ("sample.py", "sample"),
                        ("got_jax.data", "data"), ("got_jax.eval", "eval")):
         if key in cmd:
