@@ -60,11 +60,12 @@ def demo_config(tokenizer=None, hidden: int = 64) -> dict[str, Any]:
                            "pooled_projector": {"in_features": hidden, "out_features": 32}}}
 
 
-def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS) -> GoT:
-    """A GoT with host-drawn random weights: biases 0, vectors (norm scales) 1, other arrays normal with
-    std 1/sqrt(fan-in). Built abstractly and filled from numpy, so no initialiser is compiled (an eager
-    ``GoT(..., rngs=...)`` compiles one small program per parameter shape: ~40 s even for the demo)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GoT(config, options=options, rngs=nnx.Rngs(0))))
+def host_random_init(build, seed: int = 0):
+    """``build()`` (an NNX module constructor) with host-drawn random weights: biases 0, vectors (norm scales)
+    1, other arrays normal with std 1/sqrt(fan-in). Built abstractly and filled from numpy, so no initialiser
+    is compiled (an eager ``GoT(..., rngs=...)`` compiles one small program per parameter shape: ~40 s even
+    for the demo)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
@@ -77,6 +78,11 @@ def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIO
 
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
     return nnx.merge(graphdef, state)
+
+
+def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS) -> GoT:
+    """A GoT with host-drawn random weights (:func:`host_random_init`)."""
+    return host_random_init(lambda: GoT(config, options=options, rngs=nnx.Rngs(0)), seed)
 
 
 def demo_pipeline(seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None, rules=None) -> GoTPipeline:
