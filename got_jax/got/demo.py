@@ -102,12 +102,14 @@ def demo_pipeline(seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS, mes
     return GoTPipeline(model, tok, make_image_processor(**DEMO_PROCESSOR), mesh=mesh, rules=rules)
 
 
-def load_demo(folder: str | None = None, *, mesh=None, rules=None) -> tuple[GoTPipeline, dict[str, Any]]:
+def load_demo(folder: str | None = None, *, mesh=None, rules=None, options: ModelOptions | None = None,
+              **pipeline_kw) -> tuple[GoTPipeline, dict[str, Any]]:
     """The shipped demo GoT: ``(pipeline, sample_kwargs)`` with ``pipe(prompt, **sample_kwargs)`` ready to call.
 
     ``folder`` defaults to ``got_jax/assets/demo`` (installed with the package; no download). ``sample_kwargs``
     holds the size it was trained at (``height`` / ``width``) and the ``sampling_defaults`` of its
-    config.json (an ablation model's ``no_chain`` / ``zero_layout``). Raises FileNotFoundError naming the
+    config.json (an ablation model's ``no_chain`` / ``zero_layout``). ``options`` / ``pipeline_kw`` go to
+    :meth:`GoTPipeline.from_pretrained` (e.g. ``max_boxes``). Raises FileNotFoundError naming the
     folder and the commands that produce it when the weights are not there.
     """
     from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
@@ -120,6 +122,6 @@ def load_demo(folder: str | None = None, *, mesh=None, rules=None) -> tuple[GoTP
             "sample converted GoT-6B weights with --ckpt")
     sharding.require_rules("load_demo", mesh, rules)
     cfg = read_config(folder)
-    pipe = GoTPipeline.from_pretrained(folder, mesh=mesh, rules=rules)
+    pipe = GoTPipeline.from_pretrained(folder, mesh=mesh, rules=rules, options=options, **pipeline_kw)
     size = int(cfg["vae"].get("sample_size") or 64)
     return pipe, {"height": size, "width": size, **dict(cfg.get("sampling_defaults") or {})}
