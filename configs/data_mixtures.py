@@ -26,7 +26,19 @@ MIXTURES = {
     "edit": "tfds:got_editing/omniedit_got=0.74;tfds:got_editing/seed_edit_multiturn_got=0.18",
     # the synthetic shapes set built as TFDS (python -m got_jax.data.build got_generation --config shapes ...)
     "shapes": "tfds:got_generation/shapes=1",
+    # the shapes set with its editing examples (the demo's GoT stage: T2I and editing mixed 3:1)
+    "shapes_mixed": "tfds:got_generation/shapes=3;tfds:got_editing/shapes_edit=1",
 }
+
+
+def shapes_files(folder: str, generation_weight: float = 3.0, editing_weight: float = 1.0) -> str:
+    """The ``file:`` sources of a ``python -m got_jax.data.shapes --out FOLDER`` set (``config.data.shapes_dir``):
+    its generation and editing annotations, mixed ``generation_weight : editing_weight`` (an editing weight of 0
+    leaves the editing examples out)."""
+    out = f"file:{folder}/annotations/generation.jsonl@shapes={generation_weight:g}"
+    if editing_weight > 0:
+        out += f";file:{folder}/annotations/editing.jsonl@shapes_edit={editing_weight:g}"
+    return out
 
 
 def mixture(name: str) -> str:

@@ -1,40 +1,99 @@
-r"""The demo-size GoT (hidden 64) trained from random weights on the synthetic shapes set (CPU or one GPU).
+r"""The shipped demo GoT, trained from random weights on the synthetic shapes set in two stages (2-core CPU).
 
-    python -m got_jax.data.shapes --out /data/shapes --size 64 --num-generation 2000 --num-editing 0 --seed 0
-    python train.py --config configs/demo_shapes.py --workdir /tmp/demo \
-        --config.data.sources="file:/data/shapes/annotations/generation.jsonl@shapes"
+    python -m got_jax.data.shapes --out /data/shapes --size 64 --num-generation 6000 --num-editing 2000 --seed 0
+    python train.py --config configs/demo_shapes.py --config.stage=vae --workdir /tmp/demo_vae \
+        --config.data.shapes_dir=/data/shapes
+    python train.py --config configs/demo_shapes.py --config.stage=got --workdir /tmp/demo_got \
+        --config.data.shapes_dir=/data/shapes --config.model.vae_from=/tmp/demo_vae
+    python -m got_jax.train.export --demo --config configs/demo_shapes.py --workdir /tmp/demo_got \
+        --config.model.vae_from=/tmp/demo_vae        # -> got_jax/assets/demo (load_demo(): sample.py's default)
 
-A placeholder until the demo-model issue tunes it: 2000 steps, batch 16 at 64 px, no LoRA (the small
-reasoner trains fully). Expect the LM loss to fall below 1 within a few hundred steps (the GoT texts of the
-shapes set are templated) and blobs at the planned boxes in the sample images after ~2000 steps.
+Stages (``--config.stage``; fields left at None take the stage's value, explicit overrides win):
+
+* ``vae``: the small AutoencoderKL (diffusers architecture, ``block_out_channels`` (16, 16, 32): 64 px images ->
+  16x16x4 latents, two down-samplings) from random init on the target images of both kinds and the editing
+  sources. Loss: L1 reconstruction + 1e-6 x KL (SD's autoencoder recipe without LPIPS / GAN;
+  :mod:`got_jax.train.vae`). Writes ``<workdir>/vae_config.json`` at the end (scaling factor = 1 / latent std).
+* ``got``: the GoT (Qwen2.5-VL reasoner hidden 64, 2 layers, bundled tokenizer, trained fully from random init:
+  ``lora_rank`` 0; both projectors; the 2-level UNet) with the paper's losses and condition dropout, T2I and
+  editing batches mixed 3:1 (``data.shapes_dir``, see ``configs/data_mixtures.shapes_files``), its frozen VAE from
+  the ``vae`` stage (``--config.model.vae_from``, required: the VAE config must match, the error names the key).
+
+Ablations (the paper's, GoT stage; documented in :mod:`got_jax.train.tasks`):
+
+* ``--config.ablation.no_layout=True``: layout latents zeroed in every training example; the exported model's
+  config records ``sampling_defaults: {"zero_layout": true}`` so sampling zeroes them too.
+* ``--config.ablation.no_chain=True``: the chain is cut from every row (query tokens right after the prompt, no
+  LM loss, one black layout canvas); the export records ``sampling_defaults: {"no_chain": true}``
+  (``GoTPipeline(..., no_chain=True)`` generates no chain).
+
+Budget: <= 45 min on a 2-core CPU for both stages. Measured s/step (``train.py`` log timestamps, steps 2-6 after
+compile, 64 px, T2I batches; on the SHARED 2-core dev machine at load average 5-12, so upper bounds):
+
+* vae stage, batch 16: ~18 s/step (load ~8; 42 s/step at load ~12) -> batch 8 planned (~9 s/step):
+  ``VAE_STEPS`` = 100 steps ~ 15 min;
+* got stage, batch 16 (the VAE's encodes included): ~8 s/step (load ~5-8) -> ``GOT_STEPS`` = 225 steps ~ 30 min.
+
+These step counts are what the measured speeds allow, not what the demo needs to learn the shapes: re-measure on
+a quiet machine (``--config.total_steps=6 --config.eval_every=-1 --config.sample_every=-1``) and scale both
+counts to the 45 minutes (steps = minutes x 60 / (s/step)); compile adds ~1-3 min per stage and batch kind.
 """
+
+import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import tiny_test
 
+VAE_STEPS = 100  # see the budget in the docstring
+GOT_STEPS = 225
 
-def get_config():
+
+def get_config() -> ml_collections.ConfigDict:
     c = tiny_test.get_config()
-    c.stage = "demo"
-    c.total_steps = 2000
-    c.global_batch_size = 16
+    c.stage = "got"
+    c.stages = {
+        "vae": {"total_steps": VAE_STEPS, "global_batch_size": 8, "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
+                "eval_every": 50, "sample_every": 0, "save_every": 50, "data": {"editing_weight": 1.0}},
+        "got": {"total_steps": GOT_STEPS, "global_batch_size": 16, "optim": {"learning_rate": 3e-4, "warmup_steps": 20},
+                "eval_every": 75, "sample_every": 0, "save_every": 50, "data": {"editing_weight": 1.0}},
+    }
+    # None (typed, so --config.<field>=... still parses): the stage's value
+    c.total_steps = placeholder(int)
+    c.global_batch_size = placeholder(int)
+    c.optim.learning_rate = placeholder(float)
+    c.optim.warmup_steps = placeholder(int)
+    c.eval_every = placeholder(int)
+    c.sample_every = placeholder(int)
+    c.save_every = placeholder(int)
+
     c.model.demo_hidden = 64
-    c.model.demo_vae_blocks = 0  # the demo VAE (8x down-sampling)
+    c.model.demo_vae_blocks = 3  # (16, 16, 32): 64 px -> 16x16 latents
     c.model.lora_rank = 0  # the small reasoner is trained fully
-    c.optim.learning_rate = 3e-4
-    c.optim.warmup_steps = 100
+    c.model.vae_from = ""  # GoT stage: the vae stage's workdir
+
+    c.vae = ml_collections.ConfigDict()
+    c.vae.reconstruction = "l1"  # l1 (SD) | mse
+    c.vae.kl_weight = 1e-6  # SD's
+    c.vae.num_summary_images = 4
+
+    c.ablation = ml_collections.ConfigDict()
+    c.ablation.no_layout = False
+    c.ablation.no_chain = False
+
+    c.data.shapes_dir = ""  # python -m got_jax.data.shapes --out DIR (used when data.sources is empty)
+    c.data.generation_weight = 3.0
+    c.data.editing_weight = placeholder(float)
     c.data.image_size = 64
     c.data.buckets = ((64, 64),)
     c.data.max_text_len = 320
+    c.data.max_text_len_edit = 384
     c.data.max_boxes = 4
     c.eval_examples = 64
-    c.eval_every = 250
     c.eval_batches = 2
-    c.sample_every = 500
     c.sample.size = 64
     c.sample.num_inference_steps = 20
     c.sample.max_new_tokens = 160
     c.sample.scale = 2
     c.log_every = 10
-    c.save_every = 250
     c.keep_every = 1000
     return c

@@ -6,10 +6,15 @@ from the bundled tokenizer; :func:`demo_pipeline` builds the model with random w
 ready :class:`~got_jax.got.pipeline.GoTPipeline`. Its chains and images are noise: it exercises every
 stage of sampling (reasoning, guidance, the jitted diffusion loop, decode, layout pictures) until
 converted GoT-6B weights are given with ``sample.py --ckpt``.
+
+:func:`load_demo` loads the *trained* demo GoT shipped in ``got_jax/assets/demo`` (``configs/demo_shapes.py``,
+exported with ``python -m got_jax.train.export --demo ...``): a pipeline plus the sampling keywords it was
+trained for.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -24,6 +29,7 @@ from got_jax.got.tokenizer import got_token_ids, load_tokenizer
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.processing import make_image_processor
 
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
 SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                   "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
                   "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
@@ -60,11 +66,12 @@ def demo_config(tokenizer=None, hidden: int = 64) -> dict[str, Any]:
                            "pooled_projector": {"in_features": hidden, "out_features": 32}}}
 
 
-def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS) -> GoT:
-    """A GoT with host-drawn random weights: biases 0, vectors (norm scales) 1, other arrays normal with
-    std 1/sqrt(fan-in). Built abstractly and filled from numpy, so no initialiser is compiled (an eager
-    ``GoT(..., rngs=...)`` compiles one small program per parameter shape: ~40 s even for the demo)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GoT(config, options=options, rngs=nnx.Rngs(0))))
+def host_random_init(build, seed: int = 0):
+    """``build()`` (an NNX module constructor) with host-drawn random weights: biases 0, vectors (norm scales)
+    1, other arrays normal with std 1/sqrt(fan-in). Built abstractly and filled from numpy, so no initialiser
+    is compiled (an eager ``GoT(..., rngs=...)`` compiles one small program per parameter shape: ~40 s even
+    for the demo)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
@@ -79,6 +86,11 @@ def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIO
     return nnx.merge(graphdef, state)
 
 
+def random_model(config, seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS) -> GoT:
+    """A GoT with host-drawn random weights (:func:`host_random_init`)."""
+    return host_random_init(lambda: GoT(config, options=options, rngs=nnx.Rngs(0)), seed)
+
+
 def demo_pipeline(seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS, mesh=None, rules=None) -> GoTPipeline:
     """A :class:`GoTPipeline` on a tiny GoT with random weights from ``seed``; with ``mesh`` (and its
     ``rules``, from the config) the weights are placed on it."""
@@ -88,3 +100,28 @@ def demo_pipeline(seed: int = 0, *, options: ModelOptions = DEFAULT_OPTIONS, mes
     if mesh is not None:
         model = sharding.shard_model(model, mesh, rules)
     return GoTPipeline(model, tok, make_image_processor(**DEMO_PROCESSOR), mesh=mesh, rules=rules)
+
+
+def load_demo(folder: str | None = None, *, mesh=None, rules=None, options: ModelOptions | None = None,
+              **pipeline_kw) -> tuple[GoTPipeline, dict[str, Any]]:
+    """The shipped demo GoT: ``(pipeline, sample_kwargs)`` with ``pipe(prompt, **sample_kwargs)`` ready to call.
+
+    ``folder`` defaults to ``got_jax/assets/demo`` (installed with the package; no download). ``sample_kwargs``
+    holds the size it was trained at (``height`` / ``width``) and the ``sampling_defaults`` of its
+    config.json (an ablation model's ``no_chain`` / ``zero_layout``). ``options`` / ``pipeline_kw`` go to
+    :meth:`GoTPipeline.from_pretrained` (e.g. ``max_boxes``). Raises FileNotFoundError naming the
+    folder and the commands that produce it when the weights are not there.
+    """
+    from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
+
+    folder = os.fspath(folder or DEMO_DIR)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"no demo GoT weights in {folder} yet (config.json missing): train them with configs/demo_shapes.py "
+            "(its docstring has the commands) and export with `python -m got_jax.train.export --demo ...`, or "
+            "sample converted GoT-6B weights with --ckpt")
+    sharding.require_rules("load_demo", mesh, rules)
+    cfg = read_config(folder)
+    pipe = GoTPipeline.from_pretrained(folder, mesh=mesh, rules=rules, options=options, **pipeline_kw)
+    size = int(cfg["vae"].get("sample_size") or 64)
+    return pipe, {"height": size, "width": size, **dict(cfg.get("sampling_defaults") or {})}

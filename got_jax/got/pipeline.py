@@ -263,7 +263,7 @@ class GoTPipeline:
                  max_new_tokens: int = 1024, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  only_return_got: bool = False, max_rounds: int = 1, crops_coords_top_left=(0, 0),
                  noise: tuple[np.ndarray, np.ndarray] | None = None, return_intermediates: bool = False,
-                 progress: bool = False, zero_layout: bool = False) -> GoTOutput:
+                 progress: bool = False, zero_layout: bool = False, no_chain: bool = False) -> GoTOutput:
         """Sample GoT chains and images for a batch of prompts.
 
         ``images`` (one per prompt: PIL image, uint8 array or file path; None entries for T2I rows)
@@ -272,7 +272,9 @@ class GoTPipeline:
         :class:`~got_jax.got.text.Plan` text) to use instead of sampling one; ``<|im_gen_start|>``
         is appended when missing. ``noise = (initial (B, h, w, 4), steps (S, B, h, w, 4))``
         overrides the random draws (NHWC latents). ``progress`` shows a per-step tqdm bar of the
-        denoising loop (a host callback from inside the compiled loop). Scales follow the released names: g text
+        denoising loop (a host callback from inside the compiled loop). ``no_chain`` (the no-chain ablation
+        of ``config.ablation.no_chain`` in training): no chain is generated, ``<|im_gen_start|>`` and the
+        query tokens follow the prompt directly (no plan: one black layout canvas). Scales follow the released names: g text
         (``guidance_scale``), c layout (``layout_guidance_scale``), i reference (``image_guidance_scale``).
         ``zero_layout`` (the paper's "no spatial guidance" ablation): the layout latents are zero, whatever the
         plan's boxes (the chain and its boxes are still generated and returned).
@@ -326,6 +328,9 @@ class GoTPipeline:
                 active = [i for i, r in enumerate(rows) if not r.done]
                 if not active:
                     break
+                if no_chain:
+                    for i in active:
+                        rows[i].plan_text = "<|im_gen_start|>"
                 self._reason([rows[i] for i in active], max_new_tokens, temperature, top_k, top_p, rnd)
                 if only_return_got:
                     for i in active:

@@ -127,3 +127,47 @@ def reasoner_inputs(batch: Mapping[str, Any], cfg: Qwen2_5_VLConfig, num_query_t
         input_ids=ids, attention_mask=mask, positions=positions,
         mm_token_type_ids=(ids == cfg.image_token_id).astype(np.int32), target_ids=target_ids,
         target_mask=target_mask, query_index=query_index, pixel_values=pixel_values, vision_aux=aux)
+
+
+def drop_chain(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The ``no_chain`` ablation of a pipeline batch (numpy): the reasoning chain removed.
+
+    Each row ``[prompt][GoT text][<|im_gen_start|>][64 queries][pad]`` becomes
+    ``[prompt][<|im_gen_start|>][64 queries][pad]`` (shifted left, padded with the row's own pad id), so the
+    query tokens follow the prompt directly, as :class:`~got_jax.got.pipeline.GoTPipeline` builds them with
+    ``no_chain=True``. No token is an answer any more (``loss_mask`` / ``labels`` empty: no LM loss), and the
+    layout input becomes what sampling without a plan gives: one all-black canvas (``layout_mask`` = first
+    canvas only). Image fields, dropout draws and everything else are unchanged.
+    """
+    ids = _get(batch, "input_ids", 2)
+    mask = _get(batch, "attention_mask", 2).astype(bool)
+    loss = (_get(batch, "loss_mask", 2).astype(bool) if "loss_mask" in batch
+            else _get(batch, "labels", 2) != -100)
+    query = _get(batch, "query_mask", 2).astype(bool)
+    out = {k: np.array(v, copy=True) for k, v in batch.items()}
+    b, length = ids.shape
+    new_ids = np.zeros_like(ids)
+    new_mask = np.zeros_like(np.asarray(batch["attention_mask"]))
+    new_query = np.zeros_like(query)
+    for i in range(b):
+        ans = np.nonzero(loss[i])[0]
+        if len(ans) == 0:
+            raise ValueError(f"drop_chain: row {i} has no answer tokens (already without a chain?)")
+        keep = mask[i].copy()
+        keep[ans[:-1]] = False  # the chain goes; its last answer token, <|im_gen_start|>, stays
+        row = ids[i][keep]
+        pad = ids[i][~mask[i]][0] if (~mask[i]).any() else ids[i][-1]
+        new_ids[i] = pad
+        new_ids[i, :len(row)] = row
+        new_mask[i, :len(row)] = 1
+        new_query[i, :len(row)] = query[i][keep]
+    out["input_ids"], out["attention_mask"], out["query_mask"] = new_ids, new_mask, new_query
+    out["loss_mask"] = np.zeros_like(loss)
+    if "labels" in out:
+        out["labels"] = np.full_like(ids, -100)
+    if "layout_canvases" in out:
+        out["layout_canvases"] = np.zeros_like(out["layout_canvases"])
+        lm = np.zeros_like(np.asarray(out["layout_mask"]), dtype=bool)
+        lm[:, 0] = True
+        out["layout_mask"] = lm
+    return out

@@ -7,7 +7,8 @@
 2. **Mesh** ``(data, fsdp, tensor)`` with GSPMD Auto axes and the config's logical-axis rules.
 3. **Data**: per record kind one :class:`~got_jax.train.data.ShardedLoader` (Grain, per-process logical
    shards); mixtures of kinds pick the kind of step ``s`` from ``(seed, s)``.
-4. **State**: the GoT (``init_from`` restored into its shardings, or seeded random weights for small
+4. **State** (what differs per model is a task of :mod:`got_jax.train.tasks`: ``config.stage=vae`` trains the
+   VAE alone, every other stage GoT): the GoT (``init_from`` restored into its shardings, or seeded random weights for small
    models), ``TrainState`` (AdamW over the trainable filter), the jitted :class:`TrainStep` (state donated),
    everything placed by its logical axis names.
 5. **Resume** from the newest complete step in ``<workdir>/checkpoints`` (trainable weights, optimizer, data
@@ -32,28 +33,19 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metrics as clu_metrics
 from clu import periodic_actions
 from flax import nnx
 
 from got_jax import sharding
-from got_jax.diffusion.schedulers import TrainSchedule
 from got_jax.train import checkpointing as ckpt
 from got_jax.train import data as D
-from got_jax.train import losses
 from got_jax.train import setup
 from got_jax.train import summaries
-from got_jax.train.step import OptimConfig, TrainState, TrainStep, draws_for, make_tx, prepare_batch
-from got_jax.train.trainable import frozen_filter, trainable_filter
+from got_jax.train import tasks
+from got_jax.train.step import OptimConfig, TrainStep
+from got_jax.train.tasks import loss_config  # noqa: F401  (re-exported: benchmarks/train_scale.py)
 
 log = logging.getLogger(__name__)
-
-
-TrainMetrics = clu_metrics.Collection.create(
-    loss=clu_metrics.Average.from_output("loss"), lm_loss=clu_metrics.Average.from_output("lm_loss"),
-    diffusion_loss=clu_metrics.Average.from_output("diffusion_loss"),
-    grad_norm=clu_metrics.Average.from_output("grad_norm"),
-    learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -80,52 +72,41 @@ def optim_config(config) -> OptimConfig:
                        clip_norm=o.clip_norm, grad_accum=int(o.grad_accum))
 
 
-def loss_config(config) -> losses.LossConfig:
-    lc = config.loss
-    return losses.LossConfig(lm_weight=float(lc.lm_weight), diffusion_weight=float(lc.diffusion_weight),
-                             noise_offset=float(lc.noise_offset), cond_dropout_prob=float(lc.cond_dropout_prob),
-                             vocab_chunk=lc.vocab_chunk or None)
-
-
 def kind_for_step(kinds: list[str], weights: np.ndarray, seed: int, step: int) -> str:
     if len(kinds) == 1:
         return kinds[0]
     return kinds[int(np.random.default_rng([seed, step]).choice(len(kinds), p=weights))]
 
 
-def _eval_mode(model) -> None:
-    for _, m in nnx.iter_graph(model):
-        if isinstance(m, nnx.Dropout):
-            m.deterministic = True
-
-
 class Evaluator:
-    """Mean loss over ``num_batches`` held-out batches (same batches every time; no condition dropout)."""
+    """Mean metrics over ``num_batches`` held-out batches (same batches every time; no condition dropout)."""
 
-    def __init__(self, step_fn: TrainStep, source, pipeline_cfg, tokenizer, config, reasoner_cfg):
-        self.step_fn, self.source, self.pcfg, self.tok = step_fn, source, pipeline_cfg, tokenizer
-        self.config, self.reasoner_cfg = config, reasoner_cfg
-        self.loss_cfg = dataclasses.replace(step_fn.loss_cfg, cond_dropout_prob=0.0)
+    def __init__(self, task, step_fn: TrainStep, source, pipeline_cfg, tokenizer, config):
+        self.task, self.step_fn, self.source, self.pcfg, self.tok = task, step_fn, source, pipeline_cfg, tokenizer
+        self.config = config
         self._fns: dict[Any, Any] = {}
+        self.first_batch = None  # the first prepared held-out batch (the VAE stage's image summaries)
 
     def _loss(self, state, prepared, key):
-        ts = nnx.merge(self.step_fn.graphdef, state)
-        model = ts.model
-        _eval_mode(model)
-        first = jax.tree.map(lambda x: x[0], prepared)
-        d = jax.tree.map(lambda x: x[0], draws_for(key, prepared, model, self.step_fn.schedule, self.loss_cfg))
-        _, m = losses.got_loss(model, first["inputs"], first["images"], d, self.step_fn.schedule, self.loss_cfg)
-        return m
+        model = nnx.merge(self.step_fn.graphdef, state).model
+        tasks.eval_mode(model)
+        return self.task.eval_metrics(self.step_fn, model, prepared, key)
 
-    def __call__(self, state) -> dict[str, float]:
+    def batches(self):
         c = self.config
         loader = D.ShardedLoader(self.source, self.pcfg, self.tok, num_shards=jax.process_count(),
                                  global_batch=int(c.global_batch_size), process_index=jax.process_index(),
                                  process_count=jax.process_count())
+        for _ in range(int(c.eval_batches)):
+            yield self.task.prepare(next(loader), 1)
+
+    def __call__(self, state) -> dict[str, float]:
+        c = self.config
         totals: dict[str, float] = {}
         n = int(c.eval_batches)
-        for i in range(n):
-            prepared = prepare_batch(next(loader), self.reasoner_cfg, 1)
+        for i, prepared in enumerate(self.batches()):
+            if i == 0:
+                self.first_batch = prepared
             shard = self.step_fn.batch_shardings(prepared) if self.step_fn.mesh is not None else None
             if shard is not None:
                 prepared = D.global_batch_arrays(prepared, shard)
@@ -196,18 +177,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
                                   process_index=pidx, process_count=pcount) for k in kinds}
 
     # ---------------------------------------------------------------------------- state
-    model = setup.initial_model(config, got_cfg, options, mesh, rules)
-    trainable, frozen = trainable_filter(options), frozen_filter(options)
-    counts = summaries.log_parameter_overview(model, trainable, frozen, writer)
+    task = tasks.make_task(config, got_cfg, tok, options)  # what differs per model: got_jax/train/tasks.py
+    model = task.initial_model(mesh, rules)
+    frozen = task.frozen
+    counts = summaries.log_parameter_overview(model, task.trainable, frozen, writer)
     optim_cfg = optim_config(config)
-    step_fn, state = TrainStep.create(
-        TrainState(model, make_tx(optim_cfg), trainable), schedule=TrainSchedule.from_config(got_cfg["scheduler"]),
-        loss_cfg=loss_config(config), optim_cfg=optim_cfg, mesh=mesh, rules=rules)
+    step_fn, state = task.make_step(model, optim_cfg, mesh, rules)
     del model
     state = setup.place(state, step_fn.state_shardings)
-    from got_jax.got.model import GoTConfig  # noqa: PLC0415
-
-    reasoner_cfg = GoTConfig.from_dict(got_cfg).reasoner
 
     # ---------------------------------------------------------------------------- resume
     mgr = ckpt.make_manager(workdir, save_every=int(config.save_every), keep=int(config.keep),
@@ -236,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
     evaluator = None
     if eval_src and int(config.eval_batches) > 0:
         k, src = eval_src[0]
-        evaluator = Evaluator(step_fn, src, pcfgs[k], tok, config, reasoner_cfg)
+        evaluator = Evaluator(task, step_fn, src, pcfgs[k], tok, config)
 
     def run_eval(step):
         if evaluator is None:
@@ -247,16 +224,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
         return m
 
     def run_samples(step):
-        prompts = list(config.sample.prompts)
-        if not prompts:
-            return None
         model = nnx.merge(step_fn.graphdef, state).model
-        _eval_mode(model)
-        kw = dict(height=int(config.sample.size), width=int(config.sample.size),
-                  num_inference_steps=int(config.sample.num_inference_steps),
-                  max_new_tokens=int(config.sample.max_new_tokens))
-        return summaries.sample_summaries(model, tok, prompts, step=step, writer=writer, mesh=mesh, rules=rules,
-                                          sample_kw=kw, scale=int(config.sample.get("scale", 1)))
+        tasks.eval_mode(model)
+        held_out = evaluator.first_batch if evaluator is not None else None
+        if held_out is None and evaluator is not None:
+            held_out = next(iter(evaluator.batches()), None)
+        return task.summaries(model, step, writer, held_out, mesh, rules)
 
     # ---------------------------------------------------------------------------- loop
     total = int(config.total_steps)
@@ -267,13 +240,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
     step, preempted, last_eval = start, False, None
     log_every = max(1, int(config.log_every))
     t0 = time.time()
+    prepared = None
     while step < total:
         kind = kind_for_step(kinds, weights, int(config.seed), step)
-        prepared = prepare_batch(next(loaders[kind]), reasoner_cfg, optim_cfg.grad_accum)
+        prepared = task.prepare(next(loaders[kind]), optim_cfg.grad_accum)
         prepared = D.global_batch_arrays(prepared, step_fn.batch_shardings(prepared))
         state, m = step_fn(state, prepared, jax.random.fold_in(key, step))
         step += 1
-        one = TrainMetrics.single_from_model_output(**m)
+        one = task.metrics.single_from_model_output(**m)
         collected = one if collected is None else collected.merge(one)
         stop_here = step == int(config.get("stop_at_step") or 0)
         if mgr.should_save(step) or stop_here:
@@ -315,6 +289,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
             if int(config.sample_every) >= 0 and not (int(config.sample_every) > 0
                                                       and step % int(config.sample_every) == 0):
                 run_samples(step)
+        held_out = (lambda: list(evaluator.batches())) if evaluator is not None else (lambda: [prepared] if prepared is not None else [])
+        task.finish(workdir, nnx.merge(step_fn.graphdef, state).model, held_out)
     mgr.wait_until_finished()
     mgr.close()
     writer.flush()

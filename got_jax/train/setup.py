@@ -90,6 +90,12 @@ def got_config(config, tokenizer=None) -> dict:
             cfg["vae"].update(block_out_channels=cfg["vae"]["block_out_channels"][:n],
                               down_block_types=cfg["vae"]["down_block_types"][:n],
                               up_block_types=cfg["vae"]["up_block_types"][:n])
+        if config.model.get("vae_from") and config.stage != "vae":  # the VAE stage's VAE (and its scaling factor)
+            from got_jax.train import vae as V  # noqa: PLC0415
+
+            stored = V.read_vae_config(config.model.vae_from)
+            V.check_vae_config(stored, cfg["vae"], config.model.vae_from)
+            cfg["vae"]["scaling_factor"] = float(stored["scaling_factor"])
         return cfg
     raise ConfigError(f"config.model.source={config.model.source!r}: use 'demo', 'reference' or set init_from")
 
@@ -130,7 +136,11 @@ def kind_sources(config) -> dict[str, list[D.SourceSpec]]:
     """The stage's data sources grouped by record kind (generation / editing)."""
     from configs import data_mixtures  # noqa: PLC0415
 
-    text = config.data.sources or data_mixtures.mixture(config.data.mixture)
+    if config.data.get("shapes_dir") and not config.data.sources:
+        text = data_mixtures.shapes_files(config.data.shapes_dir, float(config.data.get("generation_weight", 3.0)),
+                                          float(config.data.get("editing_weight", 1.0)))
+    else:
+        text = config.data.sources or data_mixtures.mixture(config.data.mixture)
     by_kind: dict[str, list[D.SourceSpec]] = {}
     for spec in D.parse_sources(text):
         by_kind.setdefault(data_mixtures.source_kind(spec), []).append(spec)

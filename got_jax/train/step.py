@@ -153,14 +153,17 @@ class TrainStep:
     (``fold_in(run_key, step)``). ``metrics``: loss, lm_loss, diffusion_loss (means over microbatches),
     grad_norm (before clipping) and learning_rate (of this update); with ``return_grads`` also
     ``grads`` (the averaged, unclipped gradients of the trainable parameters; for tests). ``loss_fn``
-    (default :func:`got_jax.train.losses.got_loss`) has that function's signature.
+    (default :func:`got_jax.train.losses.got_loss`) has that function's signature; ``draws_fn`` (default
+    :func:`draws_for`) makes a step's random draws ``draws_fn(key, prepared, model, schedule, loss_cfg)`` (other
+    models than GoT, e.g. the VAE stage of :mod:`got_jax.train.tasks`, bring their own pair).
     """
 
     def __init__(self, graphdef, state, *, schedule: TrainSchedule, loss_cfg: losses.LossConfig,
                  optim_cfg: OptimConfig, mesh=None, rules=None, donate: bool = True, return_grads: bool = False,
-                 loss_fn=losses.got_loss):
+                 loss_fn=losses.got_loss, draws_fn=None):
         self.graphdef = graphdef
         self.loss_fn = loss_fn
+        self.draws_fn = draws_fn if draws_fn is not None else draws_for
         self.return_grads = return_grads
         self.schedule = schedule
         self.loss_cfg = loss_cfg
@@ -210,7 +213,7 @@ class TrainStep:
         model, optimizer = ts.model, ts.optimizer
         k_draw, k_drop = jax.random.split(key)
         if draws is None:
-            draws = draws_for(k_draw, prepared, model, self.schedule, self.loss_cfg)
+            draws = self.draws_fn(k_draw, prepared, model, self.schedule, self.loss_cfg)
         gdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
         def micro_loss(p, r, mb, d, i):
