@@ -113,7 +113,7 @@ def _generate(sampler: Sampler, graphdef, length: int, state, input_ids, positio
     slots = jnp.arange(length)
     prefill_mask = (slots[None, :] <= jnp.arange(t)[:, None])[None] & cache.valid[:, None, :]
     x = model.embed(input_ids, pixel_values, aux)
-    hidden, cache = model.language_model(x, positions, prefill_mask, cache, 0)
+    hidden, cache = model.language_model(x, positions, prefill_mask, cache, 0, kv_valid=cache.valid)
     last = hidden[:, -1]
     start = jnp.max(positions, axis=(0, 2)) + 1  # (B,) next M-RoPE position of each row
     stops = jnp.asarray(sampler.stop_token_ids or (-1,), jnp.int32)
