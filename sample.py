@@ -175,20 +175,22 @@ def main(argv):
     mesh = sharding.make_mesh(tuple(cfg.mesh_shape)) if len(cfg.mesh_shape) else None
     rules = tuple(tuple(r) for r in cfg.rules) if mesh is not None else None
     dtype = jnp.dtype(cfg.dtype)
+    attention = cfg.get("attention", "auto")  # configs/sample.py: auto | xla | cudnn | pallas
     if _DEMO.value:
         from got_jax.got.demo import demo_pipeline  # noqa: PLC0415
 
         logging.warning("--demo: a tiny GoT with RANDOM weights; its chains and images are noise. Convert GoT-6B "
                         "weights (README) and pass --ckpt to sample for real.")
         print("demo: tiny random-weight GoT (no trained weights yet); chains and images are noise")
-        pipe = demo_pipeline(options=ModelOptions(dtype=dtype), mesh=mesh, rules=rules)
+        pipe = demo_pipeline(options=ModelOptions(dtype=dtype, attention_impl=attention), mesh=mesh, rules=rules)
         pipe.max_boxes = cfg.max_boxes
     else:
         from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
         from got_jax.got.pipeline import GoTPipeline  # noqa: PLC0415
 
         # compute in cfg.dtype; parameters keep the checkpoint's dtype
-        opts = ModelOptions(dtype=dtype, param_dtype=read_config(_CKPT.value).get("param_dtype") or "float32")
+        opts = ModelOptions(dtype=dtype, attention_impl=attention,
+                            param_dtype=read_config(_CKPT.value).get("param_dtype") or "float32")
         pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, rules=rules, options=opts, max_boxes=cfg.max_boxes)
 
     out = Path(_OUTDIR.value)
