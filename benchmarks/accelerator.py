@@ -82,12 +82,16 @@ def got_config(size: str) -> dict:
                            "pooled_projector": {"in_features": 2048, "out_features": 1280}}}
 
 
-def random_got(config: dict, attention: str, seed: int = 0):
+def random_got(config: dict, attention: str, seed: int = 0, on_host: bool = False):
     """GoT in bfloat16 with random weights drawn on the device parameter by parameter (never whole on the host)."""
     from got_jax.got.model import GoT  # noqa: PLC0415
     from got_jax.models.options import ModelOptions  # noqa: PLC0415
 
     opts = ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention)
+    if on_host:  # small models: numpy draws, no compile per parameter shape
+        from got_jax.got.demo import random_model  # noqa: PLC0415
+
+        return random_model(config, seed, options=opts)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GoT(config, options=opts, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(abstract)
     key = jax.random.key(seed)
@@ -127,7 +131,7 @@ class JaxGoT:
     def __init__(self, a, config):
         from got_jax.diffusion.schedulers import make_scheduler  # noqa: PLC0415
 
-        self.model = random_got(config, a.attention)
+        self.model = random_got(config, a.attention, on_host=a.size == "small")
         self.sched = make_scheduler("ddpm", config["scheduler"], a.steps)
         self.a = a
         self.graphdef, self.state = nnx.split(self.model)
@@ -264,7 +268,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=None, help="decoded tokens timed (full: 256, small: 8)")
     p.add_argument("--tokens-per-image", type=int, default=850, help="reasoning tokens of one GoT chain")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per phase (full: 3, small: 1)")
     p.add_argument("--attention", default="auto", help="ModelOptions.attention_impl (auto | xla | cudnn | pallas)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
@@ -274,6 +278,7 @@ def main(argv=None):
     a.resolution = a.resolution or (64 if small else 1024)
     a.prompt = a.prompt or (16 if small else 64)
     a.tokens = a.tokens or (8 if small else 256)
+    a.repeats = a.repeats or (1 if small else 3)
 
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
@@ -299,10 +304,12 @@ def main(argv=None):
     peak = next((v for k, v in PEAKS.items() if k.lower() in str(kind).lower()), (None, None))
     tflops = a.peak_tflops or peak[0]
     gbps = a.peak_gbps or peak[1]
-    vocab = m.config.reasoner.text.vocab_size
+    rc = m.config.reasoner
+    top = min(rc.text.vocab_size, rc.image_token_id, rc.video_token_id, rc.vision_start_token_id,
+              rc.vision_end_token_id)  # plain text tokens only
     rows = []
     for b in a.batch:
-        ids = np.random.RandomState(b).randint(0, min(vocab, 150000), (b, a.prompt))
+        ids = np.random.RandomState(b).randint(0, top, (b, a.prompt))
         res = {}
         for side, impl in (("jax", ours), ("torch", theirs)):
             if impl is None:
@@ -327,7 +334,8 @@ def main(argv=None):
         rows.append((b, res))
         unet_flop, vae_flop = ours.flops()
         _print_rows(a, rows, unet_flop, vae_flop, wbytes, tflops, gbps, kind)
-    return rows
+    return dict(args=a, rows=rows, unet_flop=unet_flop, vae_flop=vae_flop, weight_bytes=wbytes, peak_tflops=tflops,
+                peak_gbps=gbps)
 
 
 def per_image(a, b, r) -> float | None:
@@ -346,8 +354,8 @@ def floor_per_image(a, b, unet_flop, vae_flop, wbytes, tflops, gbps) -> float | 
 
 def _print_rows(a, rows, unet_flop, vae_flop, wbytes, tflops, gbps, kind):
     print(f"\nGoT ({a.size}) on {kind}, {a.resolution}x{a.resolution}, {a.steps} DDPM steps, bf16, attention "
-          f"{a.attention!r}, jax {jax.__version__}; UNet {unet_flop / 1e12:.3f} TFLOP/forward, VAE decode "
-          f"{vae_flop / 1e12:.3f} TFLOP/image, reasoner text weights {wbytes / 1e9:.2f} GB; peaks "
+          f"{a.attention!r}, jax {jax.__version__}; UNet {unet_flop / 1e9:.4g} GFLOP/forward, VAE decode "
+          f"{vae_flop / 1e9:.4g} GFLOP/image, reasoner text weights {wbytes / 1e9:.3g} GB; peaks "
           f"{tflops or '?'} TFLOP/s, {gbps or '?'} GB/s; {a.tokens_per_image} reasoning tokens per image", flush=True)
     print(f"{'batch':>5} {'side':>6} | {'reason tok/s':>12} {'UNet step ms':>12} {'VAE ms':>9} | {'s/image':>8} "
           f"{'images/s':>8} | {'floor s':>8} {'of floor':>8}", flush=True)
