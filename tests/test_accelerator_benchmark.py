@@ -12,7 +12,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
 def test_small_run_times_every_phase_on_both_sides():
     spec = importlib.util.spec_from_file_location("accelerator_bench", os.path.join(ROOT, "benchmarks", "accelerator.py"))
     bench = importlib.util.module_from_spec(spec)
