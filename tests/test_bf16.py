@@ -112,6 +112,7 @@ def reasoner_jaxpr(reasoner, ids):
                                                                      jnp.asarray(mask)).logits)(state)
 
 
+@pytest.mark.slow
 def test_bf16_precision_policy_in_the_programs(pipes):
     pbf = pipes["bfloat16"]
     ids = np.asarray([pbf._prompt_ids(PROMPTS[0], None)[0]])
@@ -187,6 +188,7 @@ def paint_metrics(pipes):
     return rows
 
 
+@pytest.mark.slow
 def test_bf16_images_and_latents_psnr(pipes):
     for j, (ip, lp, std) in enumerate(paint_metrics(pipes)):
         assert std > 0.01  # a real image, not a constant
