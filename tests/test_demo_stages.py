@@ -28,6 +28,7 @@ from got_jax.train import run, setup, tasks
 from got_jax.train import vae as V
 from got_jax.train.batch import drop_chain
 
+pytestmark = pytest.mark.xdist_group("demo_stages")  # one worker: the two training runs are shared
 MAX_DEMO_BYTES = 25 * 2**20
 
 

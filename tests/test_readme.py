@@ -42,7 +42,7 @@ REAL_SOURCES = {  # the real GoT annotation folders of the README -> (builder co
     "OmniEdit-GoT": "omniedit_got", "SEED-Edit-GoT": "seed_edit_multiturn_got",
 }
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme")]  # one worker: one module fixture
 
 
 # ------------------------------------------------------------------------------------ README parsing
@@ -106,7 +106,7 @@ def substitute(cmd: str, work: Path) -> str:
         return ":"
     cmd = cmd.replace("/ckpt/", f"{work}/ckpt/").replace("/data/", f"{work}/data/").replace("/runs/", f"{work}/runs/")
     for script in ("train.py", "configs/"):  # repository paths, as run from the repository root
-        cmd = re.sub(rf"(^|\s){script}", rf"\g<1>{shlex.quote(str(ROOT / script))}", cmd)
+        cmd = re.sub(rf"(^|\s){script}", rf"\g<1>{shlex.quote(str(ROOT) + '/' + script)}", cmd)
     cmd = re.sub(r"(^|\s)python(\s)", rf"\g<1>{shlex.quote(sys.executable)}\g<2>", cmd)
     if "sample.py" in cmd:
         cmd = cmd.replace(" sample.py ", f" {shlex.quote(str(ROOT / 'sample.py'))} ")

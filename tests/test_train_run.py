@@ -33,6 +33,7 @@ import configs.tiny_test as tiny
 from got_jax.data import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.xdist_group("train_run")  # one worker: the uninterrupted run U is shared
 STEPS = 6
 
 
