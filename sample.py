@@ -5,59 +5,55 @@ Converted GoT-6B weights (see README, "Convert the released weights"):
     python sample.py --ckpt /ckpt/got6b-jax --prompt "two red circles to the left of a blue square" --outdir out
     python sample.py --ckpt /ckpt/got6b-jax --prompt "make the sky purple" --image photo.jpg --outdir out \
         --config.guidance_scale=4.0 --config.layout_guidance_scale=3.0 --config.image_guidance_scale=1.5
-    python sample.py --ckpt /ckpt/got6b-jax --prompts_file prompts.txt --outdir out --config.mesh_shape="(1,-1,1)"
+    python sample.py --ckpt /ckpt/got6b-jax --prompts_file prompts.jsonl --outdir out --config.mesh_shape="(-1,1,1)"
 
 Interactive generation: ``--got_text`` (or ``--got_text_file``, one file per prompt) paints your own plan instead of a
 sampled one; ``--only_return_got`` writes the chains without painting (edit them, pass them back).
 
-Without weights, ``--demo`` runs a tiny random-weight GoT end to end (chains and images are noise).
+Batch runs (got_jax/sampling): ``--prompts_file`` is plain text (one prompt per line) or JSONL (``prompt``, optional
+``image``, ``got_text``, ``seed``, ``id``). Outputs are named by id (default: the row number ``NNNNN``) and written
+atomically; one record per item goes to ``records.jsonl``; a rerun skips complete items (``--overwrite`` samples all
+again) and refuses other settings in the same folder. A bad row is recorded as failed and skipped. The batch is split
+over the mesh's data axes; with several processes (``--distributed``) each samples its own share of the rows.
 
-Per prompt ``i`` the output folder gets ``{i:05d}.png`` (the image), ``{i:05d}_got.txt`` (the chain),
-``{i:05d}_layout.png`` (the image with the plan's boxes, then one canvas per painted box) and, for
-all prompts, ``grid.png``. Every file is written to a temporary name and renamed.
+Without weights, ``--demo`` runs a tiny random-weight GoT end to end (chains and images are noise).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from got_jax.cli import absl_main  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "sample.py"), "Sampling config file.")
 _CKPT = flags.DEFINE_string("ckpt", None, "Converted GoT folder (convert/got_checkpoint.py output).")
 _DEMO = flags.DEFINE_bool("demo", False, "Use a tiny random-weight GoT (no weights needed; output is noise).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption (T2I) or instruction (with --image); repeatable.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line (output NNNNN is line "
-                                    "NNNNN+1; blank lines are an error).")
-_IMAGE = flags.DEFINE_multi_string("image", [], "Source image per prompt for editing (repeat in prompt order); the "
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Prompts: *.jsonl (one JSON object per line: prompt, "
+                                    "image, got_text, seed, id) or plain text (one prompt per line; output NNNNN is "
+                                    "line NNNNN+1; blank lines are an error).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Source image per --prompt for editing (repeat in prompt order); the "
                                    "edited image is resized back to the source's aspect ratio.")
 _GOT_TEXT = flags.DEFINE_multi_string("got_text", [], "Interactive: a GoT plan per prompt to paint instead of sampling.")
 _GOT_TEXT_FILE = flags.DEFINE_multi_string("got_text_file", [], "Interactive: a file holding one prompt's GoT plan "
                                            "(e.g. an edited NNNNN_got.txt); repeat in prompt order.")
 _ONLY_GOT = flags.DEFINE_bool("only_return_got", False, "Write the reasoning chains only (no diffusion).")
 _OUTDIR = flags.DEFINE_string("outdir", "out", "Output folder.")
-
-
-def _lines(path: str) -> list[str]:
-    """One prompt per line; output ``NNNNN`` is line ``NNNNN + 1``, so blank lines inside are an error."""
-    try:
-        with open(path) as f:
-            lines = [ln.rstrip("\r\n") for ln in f]
-    except OSError as e:
-        raise app.UsageError(f"cannot read {path}: {e}") from None
-    while lines and not lines[-1].strip():  # trailing blank lines end the file
-        lines.pop()
-    blank = [n + 1 for n, ln in enumerate(lines) if not ln.strip()]
-    if blank:
-        raise app.UsageError(f"{path}: line(s) {blank[:5]} are blank; outputs are numbered by line, so remove the "
-                             f"blank lines (or put a prompt on them)")
-    return lines
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Sample every item again (complete ones are skipped otherwise) "
+                               "and allow other settings than the folder's run.json.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (TPU pods: automatic); each "
+                                 "process samples its own share of the prompts on its local devices.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "With --distributed off a pod: host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "With --coordinator_address: the number of processes.")
+_PROC_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 
 
 def _read(path: str) -> str:
@@ -65,40 +61,7 @@ def _read(path: str) -> str:
         with open(path) as f:
             return f.read().rstrip("\n")
     except OSError as e:
-        raise app.UsageError(f"cannot read {path}: {e}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _open_images(paths: list[str]):
-    """Reads every --image before any model is loaded (a bad path fails in seconds, not after loading)."""
-    from PIL import Image  # noqa: PLC0415
-
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise app.UsageError(f"--image {p}: cannot read image file ({type(e).__name__}: {e})") from None
-    return out
+        raise app.UsageError(f"--got_text_file {path}: cannot read ({e.strerror or e})") from None
 
 
 def _check_config(cfg, paint: bool) -> None:
@@ -123,35 +86,9 @@ def _check_config(cfg, paint: bool) -> None:
                                  f"UNet down-sampling 4)")
 
 
-def _grid(images):
-    from PIL import Image  # noqa: PLC0415
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w = max(im.size[0] for im in images)
-    h = max(im.size[1] for im in images)
-    grid = Image.new("RGB", (cols * w, rows * h), (128, 128, 128))
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % cols) * w, (k // cols) * h))
-    return grid
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
-
-    from got_jax import sharding  # noqa: PLC0415
-    from got_jax.got.layout import layout_grid, painted_boxes, render_layout_canvases  # noqa: PLC0415
-    from got_jax.models.options import ModelOptions  # noqa: PLC0415
-
-    if _DEMO.value == bool(_CKPT.value):
-        raise app.UsageError("give exactly one of --ckpt DIR (converted GoT weights) or --demo")
+def _config():
     cfg = _CONFIG.value
     if _DEMO.value and not flags.FLAGS["config"].present:
-        sys.path.insert(0, str(ROOT))
         from configs import sample_demo  # noqa: PLC0415
 
         cfg = sample_demo.get_config()
@@ -159,78 +96,142 @@ def main(argv):
             if name.startswith("config.") and flags.FLAGS[name].present:
                 field = name[len("config."):]
                 setattr(cfg, field, getattr(_CONFIG.value, field))
-    prompts = list(_PROMPT.value) + (_lines(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else [])
-    if not prompts:
-        raise app.UsageError("no prompts: pass --prompt (repeatable) or --prompts_file")
-    images = list(_IMAGE.value)
-    if images and len(images) != len(prompts):
-        raise app.UsageError(f"{len(images)} --image for {len(prompts)} prompts: give one source image per prompt")
-    plans = list(_GOT_TEXT.value) + [_read(p) for p in _GOT_TEXT_FILE.value]
-    if plans and len(plans) != len(prompts):
-        raise app.UsageError(f"{len(plans)} GoT texts for {len(prompts)} prompts")
-    _check_config(cfg, paint=not _ONLY_GOT.value)
-    images = _open_images(images)
+    return cfg
 
-    # the shardings are built once, here, from the config: mesh shape and logical-axis rules
-    mesh = sharding.make_mesh(tuple(cfg.mesh_shape)) if len(cfg.mesh_shape) else None
+
+def _items(cfg):
+    """The run's items: --prompt flags (checked strictly: a bad flag is a usage error), then the file's rows."""
+    from got_jax.sampling import items as it  # noqa: PLC0415
+
+    prompts, images = list(_PROMPT.value), list(_IMAGE.value)
+    plans = list(_GOT_TEXT.value) + [_read(p) for p in _GOT_TEXT_FILE.value]
+    jsonl = bool(_PROMPTS_FILE.value) and _PROMPTS_FILE.value.endswith(".jsonl")
+    if jsonl and (images or plans):
+        raise app.UsageError("--image / --got_text go with --prompt; in a JSONL prompts file give each row its "
+                             "'image' / 'got_text'")
+    out = it.flag_items(prompts, [], [], int(cfg.seed))
+    if _PROMPTS_FILE.value:
+        try:
+            out += it.read_prompts_file(_PROMPTS_FILE.value, first_index=len(out), base_seed=int(cfg.seed))
+        except it.PromptsFileError as e:
+            raise app.UsageError(str(e)) from None
+    if not out:
+        raise app.UsageError("no prompts: pass --prompt (repeatable) or --prompts_file")
+    for name, given in (("--image", images), ("GoT texts (--got_text / --got_text_file)", plans)):
+        if given and len(given) != len(out):
+            raise app.UsageError(f"{len(given)} {name} for {len(out)} prompts: give one per prompt")
+    for k, item in enumerate(out):
+        if images:
+            item.image = images[k]
+            try:
+                it.load_image(images[k])  # a bad path fails in seconds, not after loading the model
+            except ValueError as e:
+                raise app.UsageError(f"--image {images[k]}: {e}") from None
+        if plans:
+            item.got_text = plans[k]
+        if item.where.startswith("--prompt"):
+            err = it.check_item(item, int(cfg.max_boxes))
+            if err:
+                raise app.UsageError(err)
+    it.find_duplicates(out)
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _DEMO.value == bool(_CKPT.value):
+        raise app.UsageError("give exactly one of --ckpt DIR (converted GoT weights) or --demo")
+    import jax  # noqa: PLC0415
+
+    if _DISTRIBUTED.value or _COORD.value:
+        jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
+                                   process_id=_PROC_ID.value)
+    cfg = _config()
+    if cfg.get("compilation_cache_dir"):  # reruns load their compiled programs instead of compiling again
+        jax.config.update("jax_compilation_cache_dir", str(cfg.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    items = _items(cfg)
+    _check_config(cfg, paint=not _ONLY_GOT.value)
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from got_jax import sharding  # noqa: PLC0415
+    from got_jax.models.options import ModelOptions  # noqa: PLC0415
+    from got_jax.sampling import items as it  # noqa: PLC0415
+    from got_jax.sampling import runner  # noqa: PLC0415
+
+    pi, pc = jax.process_index(), jax.process_count()
+    checkpoint = "demo (random weights)" if _DEMO.value else os.path.abspath(_CKPT.value)
+    param_dtype = None
+    if not _DEMO.value:
+        from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
+
+        param_dtype = read_config(_CKPT.value).get("param_dtype") or "float32"  # a wrong --ckpt fails here
+    kw = dict(only_return_got=_ONLY_GOT.value, max_new_tokens=int(cfg.max_new_tokens),
+              temperature=float(cfg.temperature), max_rounds=int(cfg.max_rounds))
+    if not _ONLY_GOT.value:
+        kw.update(height=int(cfg.height), width=int(cfg.width), num_inference_steps=int(cfg.num_inference_steps),
+                  guidance_scale=float(cfg.guidance_scale), layout_guidance_scale=float(cfg.layout_guidance_scale),
+                  image_guidance_scale=float(cfg.image_guidance_scale), scheduler=str(cfg.scheduler))
+    settings = dict(kw, dtype=str(cfg.dtype), max_boxes=int(cfg.max_boxes), checkpoint=checkpoint)
+    out = runner.check_outdir(_OUTDIR.value)  # before any model work
+    runner.prepare_outdir(out, settings, overwrite=_OVERWRITE.value, writer=pi == 0)
+    if pc > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("got_jax_sample_outdir_ready")  # run.json / old records settled
+    mine = it.shard(items, pi, pc)
+    where = f"process {pi}/{pc}: " if pc > 1 else ""
+    done = set() if _OVERWRITE.value else runner.completed_ids(out, mine, _ONLY_GOT.value)
+    pending = [x for x in mine if x.error or x.id not in done]
+    if not pending:
+        print(f"{where}all {len(mine)} item(s) already complete in {out}/ (--overwrite samples them again)")
+        return
+
+    # the shardings are built once, here, from the config: mesh shape (over this process's devices) and rules
+    mesh = sharding.make_mesh(tuple(cfg.mesh_shape), devices=jax.local_devices()) if len(cfg.mesh_shape) else None
     rules = tuple(tuple(r) for r in cfg.rules) if mesh is not None else None
+    data_size = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     dtype = jnp.dtype(cfg.dtype)
     if _DEMO.value:
         from got_jax.got.demo import demo_pipeline  # noqa: PLC0415
 
-        logging.warning("--demo: a tiny GoT with RANDOM weights; its chains and images are noise. Convert GoT-6B "
-                        "weights (README) and pass --ckpt to sample for real.")
         print("demo: tiny random-weight GoT (no trained weights yet); chains and images are noise")
         pipe = demo_pipeline(options=ModelOptions(dtype=dtype), mesh=mesh, rules=rules)
         pipe.max_boxes = cfg.max_boxes
     else:
-        from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
         from got_jax.got.pipeline import GoTPipeline  # noqa: PLC0415
 
-        # compute in cfg.dtype; parameters keep the checkpoint's dtype
-        opts = ModelOptions(dtype=dtype, param_dtype=read_config(_CKPT.value).get("param_dtype") or "float32")
+        opts = ModelOptions(dtype=dtype, param_dtype=param_dtype)  # compute in cfg.dtype; params as stored
         pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, rules=rules, options=opts, max_boxes=cfg.max_boxes)
 
-    out = Path(_OUTDIR.value)
-    out.mkdir(parents=True, exist_ok=True)
-    bs = max(1, int(cfg.batch_size))
-    finals = []
-    where = f"{len(prompts)} prompt(s) on {jax.device_count()} {jax.default_backend()} device(s), {cfg.dtype} compute"
+    devices = f"{len(jax.local_devices())} {jax.default_backend()} device(s)"
+    banner = f"{where}{len(mine)} prompt(s) on {devices}, {cfg.dtype} compute"
     if _ONLY_GOT.value:
-        print(f"{where}; reasoning chains only (--only_return_got: nothing is painted)")
+        print(f"{banner}; reasoning chains only (--only_return_got: nothing is painted)")
     else:
-        print(f"{where}; {cfg.height}x{cfg.width}, {cfg.num_inference_steps} {cfg.scheduler} steps"
-              + ("; edited images are resized back to each source's aspect ratio" if images else ""))
+        print(f"{banner}; {cfg.height}x{cfg.width}, {cfg.num_inference_steps} {cfg.scheduler} steps"
+              + ("; edited images are resized back to each source's aspect ratio" if any(x.image for x in mine) else ""))
     if cfg.dtype != "float32":
         print(f"note: {cfg.dtype} compute; --config.dtype=float32 reproduces the released PyTorch numbers "
               f"(chains in {cfg.dtype} can differ)")
-    for start in tqdm(range(0, len(prompts), bs), desc="sampling", unit="batch"):
-        idx = list(range(start, min(start + bs, len(prompts))))
-        res = pipe([prompts[i] for i in idx], images=[images[i] for i in idx] if images else None,
-                   got_texts=[plans[i] for i in idx] if plans else None, height=cfg.height, width=cfg.width,
-                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                   layout_guidance_scale=cfg.layout_guidance_scale, image_guidance_scale=cfg.image_guidance_scale,
-                   seed=[cfg.seed + i for i in idx], scheduler=cfg.scheduler, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, max_rounds=cfg.max_rounds, only_return_got=_ONLY_GOT.value,
-                   progress=True)
-        for j, i in enumerate(idx):
-            stem = f"{i:05d}"
-            _atomic(out / f"{stem}_got.txt", lambda p, t=res.got_texts[j]: Path(p).write_text(t + "\n"))
-            img = res.images[j]
-            if img is None:
-                continue
-            _atomic(out / f"{stem}.png", lambda p, im=img: im.save(p, format="PNG"))
-            boxes = painted_boxes(res.plans[j])
-            canv = render_layout_canvases(boxes, img.size[1], img.size[0], max_boxes=cfg.max_boxes)
-            grid = layout_grid(canv, res.overlay(j))
-            _atomic(out / f"{stem}_layout.png", lambda p, g=grid: g.save(p, format="PNG"))
-            finals.append(img)
-            flag = " (chain ended before <|im_gen_start|>; appended)" if res.forced_image_start[j] else ""
-            print(f"[{stem}] {prompts[i]!r}: {len(res.plans[j])} box(es){flag}")
-    if finals:
-        _atomic(out / "grid.png", lambda p: _grid(finals).save(p, format="PNG"))
-    print(f"wrote {out}/ ({len(finals)} image(s))")
+    run = runner.Runner(pipe, out, call_kwargs=kw, settings=settings, checkpoint=checkpoint,
+                        batch_size=int(cfg.batch_size), data_size=data_size, max_boxes=int(cfg.max_boxes),
+                        process_index=pi, process_count=pc, progress=pc == 1)
+    if run.batch != int(cfg.batch_size):
+        print(f"note: batch of {run.batch} (--config.batch_size={cfg.batch_size} rounded up to a multiple of the "
+              f"{data_size} devices on the mesh's data axes)")
+    summary = run.run(mine, overwrite=_OVERWRITE.value)
+    if summary.finals:
+        name = "grid.png" if pc == 1 else f"grid-{pi:05d}-of-{pc:05d}.png"
+        runner.atomic_write(out / name, lambda p: runner.grid_image([im for _, im in summary.finals]).save(
+            p, format="PNG"))
+    print(f"{where}{summary.line()}; records in {out / runner.records_name(pi, pc)}")
+    print(f"{where}{summary.throughput()}")
+    print(f"wrote {out}/ ({summary.images} image(s))")
+    if summary.done + summary.skipped == 0:
+        sys.exit(1)  # nothing could be done: every item failed (see the records)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main(main, "sample.py"))

@@ -46,12 +46,18 @@ setuptools.setup(
         # reading GoT-6B's pytorch_model*.bin pickles (and writing --format got_bin) needs torch;
         # safetensors folders (Qwen2.5-VL, SDXL) convert without it
         "convert": ["torch"],
+        # notebooks/quickstart.ipynb's optional interactive box editing (an anywidget widget: works in Colab,
+        # JupyterLab and Notebook 7; see got_jax/sampling/widget.py for the choice)
+        "notebook": ["jupyter-bbox-widget==0.7.0", "ipywidgets>=8"],
         "test": [
             "pytest",
             "torch==2.13.0",
             "diffusers",
             "hypothesis",
             "peft",  # the PEFT LoRA reference (train step parity, adapter export)
+            "nbformat",  # tests/test_notebooks.py: notebooks valid, quickstart executed headless
+            "nbclient",
+            "ipykernel",
         ],
     },
 )

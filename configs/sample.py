@@ -40,4 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh_shape = ()
     c.rules = sharding_rules.RULES
     c.max_boxes = 32
+    # a folder for JAX's persistent compilation cache ("" = off): reruns load compiled programs instead of
+    # compiling them again (sample.py sets jax_compilation_cache_dir)
+    c.compilation_cache_dir = ""
     return c

@@ -194,7 +194,7 @@ def test_existing_out_fails_before_any_work(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"--out .*out already exists and is not empty: .* --overwrite"):
         got_checkpoint.convert_got(str(tmp_path / "missing"), None, None, str(tmp_path / "out"), progress=False)
     rc = got_checkpoint.main(["--got_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
-    assert rc == 1 and "--overwrite" in capsys.readouterr().out
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err  # one line, usage-error status
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
 
 
@@ -292,4 +292,4 @@ def test_cli(tmp_path, capsys):
         export_pytorch.main(["--help"])
     assert e.value.code == 0 and "got_bin" in capsys.readouterr().out
     rc = got_checkpoint.main(["--got_dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
-    assert rc == 1 and "--got_dir" in capsys.readouterr().out and not os.path.exists(tmp_path / "o")
+    assert rc == 2 and "--got_dir" in capsys.readouterr().err and not os.path.exists(tmp_path / "o")

@@ -46,8 +46,8 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         qwen2_5_vl.main(["--help"])
     assert e.value.code == 0 and "--qwen_dir" in capsys.readouterr().out
-    assert qwen2_5_vl.main(["--qwen_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")]) == 1
-    assert "is not a folder" in capsys.readouterr().out
+    assert qwen2_5_vl.main(["--qwen_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
     # a wrong shape
     from safetensors.torch import load_file, save_file
     sd = load_file(str(tmp_path / "qwen" / "model.safetensors"))

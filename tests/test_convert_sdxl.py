@@ -58,6 +58,6 @@ def test_errors_write_nothing(tmp_path, capsys):
     save_file(sd, path)
     with pytest.raises(CheckpointError, match=r"missing tensor for 'decoder\.conv_out\.bias'"):
         sdxl.convert_sdxl(str(tmp_path / "sdxl"), str(tmp_path / "o"), progress=False)
-    assert sdxl.main(["--sdxl_dir", str(tmp_path / "sdxl"), "--out", str(tmp_path / "o"), "--parts", "text"]) == 1
-    assert "--parts must name unet and/or vae" in capsys.readouterr().out
+    assert sdxl.main(["--sdxl_dir", str(tmp_path / "sdxl"), "--out", str(tmp_path / "o"), "--parts", "text"]) == 2
+    assert "--parts must name unet and/or vae" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["sdxl"]

@@ -305,12 +305,20 @@ def work(tmp_path_factory):
     rows = write_sources(work / "data")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), np.uint8)).save(run_dir / "photo.jpg")
     (run_dir / "prompts.txt").write_text("a red circle\na blue square\nthree green triangles\n")
+    plan = "<|object_ref_start|>a cat<|object_ref_end|><|box_start|>(100,300),(500,900)<|box_end|> (orange)"
+    (run_dir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JSONL_ROWS(plan)))
     steps = plan_steps(work, run_dir)
     t = time.perf_counter()
     run_steps(steps, work / "logs")
     print(f"README steps: {time.perf_counter() - t:.0f} s wall; " +
           ", ".join(f"{st.group}:{st.seconds:.0f}s" for st in steps))
     return {"dir": work, "run": run_dir, "base_vocab": paths["base_vocab"], "rows": rows, "steps": steps}
+
+
+def JSONL_ROWS(plan):  # noqa: N802 - the README's JSONL example, as rows
+    return [{"prompt": "a red apple on a wooden table", "id": "apple", "seed": 7},
+            {"prompt": "make the sky purple", "image": "photo.jpg", "id": "sky"},
+            {"prompt": "a cat on a sofa", "got_text": plan}]
 
 
 def steps_of(work, group: str) -> list[Step]:
@@ -362,13 +370,21 @@ def test_sample_commands(work):
     prompts file on a mesh with another scheduler."""
     run_dir = work["run"]
     steps = steps_of(work, "sample")
-    assert len(steps) >= 6
+    assert len(steps) >= 8
+    jsonl = [st for st in steps if "prompts.jsonl" in st.readme]
+    assert len(jsonl) == 2 and "summary: 3 done" in jsonl[0].stdout and "already complete" in jsonl[1].stdout
     for st in steps:
         outdir = run_dir / re.search(r"--outdir (\S+)", st.readme).group(1)
         if "--only_return_got" in st.readme:
-            assert sorted(p.name for p in outdir.iterdir()) == ["00000_got.txt"]
+            assert sorted(p.name for p in outdir.iterdir()) == ["00000_got.txt", "records.jsonl", "run.json"]
             banner = next(ln for ln in st.stdout.splitlines() if "prompt(s) on" in ln)
             assert "nothing is painted" in banner and "steps" not in banner, banner
+            continue
+        if "prompts.jsonl" in st.readme:  # the batch run, then the same command again (a resume)
+            recs = [json.loads(ln) for ln in (outdir / "records.jsonl").read_text().splitlines()]
+            assert sorted(r["id"] for r in recs) == ["00002", "apple", "sky"], recs
+            assert all(r["status"] == "ok" for r in recs) and all((outdir / f"{r['id']}.png").is_file() for r in recs)
+            assert "all 3 item(s) already complete" in st.stdout or "summary: 3 done" in st.stdout, st.stdout
             continue
         n = len((run_dir / "prompts.txt").read_text().splitlines()) if "--prompts_file" in st.readme else 1
         for i in range(n):

@@ -104,13 +104,23 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_main(fn, args: Sequence[str] | None, p: argparse.ArgumentParser) -> int:
-    """Parses ``args``, runs ``fn(namespace)``; a :class:`CheckpointError` prints its message and exits 1."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read/write at INFO
+    """Parses ``args`` and runs ``fn(namespace)`` with the entry points' conventions (:mod:`got_jax.cli`): any
+    error prints one line (``<prog>: error: ...``) and returns the usage-error status 2; ``--verbosity=1``
+    shows the traceback (and the libraries' INFO logs) instead."""
+    from got_jax import cli  # noqa: PLC0415
+
+    if not any(a.dest == "verbosity" for a in p._actions):
+        p.add_argument("--verbosity", "-v", type=int, default=0,
+                       help="0: one-line errors, library INFO logs off; 1: tracebacks and INFO logs")
     ns = p.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.quiet_logging(ns.verbosity)  # Orbax logs every read/write at INFO
     try:
         fn(ns)
-    except CheckpointError as e:
-        print(f"error: {e}", flush=True)
-        return 1
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback (unless --verbosity=1)
+        if ns.verbosity >= 1:
+            raise
+        return cli.report(p.prog, e)
     return 0
