@@ -193,16 +193,17 @@ def main(argv):
     rules = tuple(tuple(r) for r in cfg.rules) if mesh is not None else None
     data_size = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     dtype = jnp.dtype(cfg.dtype)
+    attention = cfg.get("attention", "auto")  # configs/sample.py: auto | xla | cudnn | pallas
     if _DEMO.value:
         from got_jax.got.demo import demo_pipeline  # noqa: PLC0415
 
         print("demo: tiny random-weight GoT (no trained weights yet); chains and images are noise")
-        pipe = demo_pipeline(options=ModelOptions(dtype=dtype), mesh=mesh, rules=rules)
+        pipe = demo_pipeline(options=ModelOptions(dtype=dtype, attention_impl=attention), mesh=mesh, rules=rules)
         pipe.max_boxes = cfg.max_boxes
     else:
         from got_jax.got.pipeline import GoTPipeline  # noqa: PLC0415
 
-        opts = ModelOptions(dtype=dtype, param_dtype=param_dtype)  # compute in cfg.dtype; params as stored
+        opts = ModelOptions(dtype=dtype, attention_impl=attention, param_dtype=param_dtype)  # params as stored
         pipe = GoTPipeline.from_pretrained(_CKPT.value, mesh=mesh, rules=rules, options=opts, max_boxes=cfg.max_boxes)
 
     devices = f"{len(jax.local_devices())} {jax.default_backend()} device(s)"

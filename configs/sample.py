@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     # compute dtype; parameters keep the checkpoint's dtype. float32 reproduces the released PyTorch GoT-6B
     # numbers; bfloat16 (the default: half the memory traffic) can give chains that differ from them.
     c.dtype = "bfloat16"
+    # attention kernel (got_jax/models/attention.py): auto = cuDNN fused attention on GPU, Pallas flash attention
+    # on TPU, the exact XLA path elsewhere; or force one of xla | cudnn | pallas
+    c.attention = "auto"
     # sharding: (data, fsdp, tensor) mesh shape, e.g. sharding_rules.MESH_SHAPE = (1, -1, 1) (all devices on
     # fsdp); () = one device, no mesh. ``rules`` map logical axis names to mesh axes (configs/sharding_rules.py).
     c.mesh_shape = ()

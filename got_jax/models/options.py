@@ -3,11 +3,14 @@
 Every model of got-jax (:class:`~got_jax.got.model.GoT`, the Qwen2.5-VL reasoner and its vision tower, the
 SDXL UNet and VAE, and their layers) takes one :class:`ModelOptions` instead of ``dtype`` / ``param_dtype`` /
 ``attention_impl`` keyword arguments threaded by hand. The default is inference as released: float32
-everywhere, the ``"xla"`` attention, no remat, no LoRA.
+everywhere, the ``"auto"`` attention (exact XLA on CPU), no remat, no LoRA.
 
 * ``dtype``: compute dtype (activations, matmul inputs); ``param_dtype``: storage dtype of parameters
   (float32 master weights with ``dtype=bfloat16`` for mixed-precision training).
-* ``attention_impl``: the SDXL attention kernel by name (see :func:`got_jax.models.sdxl.register_attention`).
+* ``attention_impl``: the attention kernel of every model, by name (:mod:`got_jax.models.attention`):
+  ``"auto"`` (default: cuDNN fused attention on GPU, Pallas flash attention on TPU, the exact XLA path
+  elsewhere), ``"xla"``, ``"cudnn"``, ``"pallas"``, or an SDXL kernel added with
+  :func:`got_jax.models.sdxl.register_attention` (the reasoner then uses ``"xla"``).
 * ``remat``: ``"none"``, ``"full"`` (recompute the whole block in the backward pass) or ``"dots"`` (save
   the results of matmuls without batch dimensions, recompute the rest:
   ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``). Applied with ``nnx.remat`` to the reasoner's
@@ -50,7 +53,7 @@ class ModelOptions:
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     remat: str = "none"
     lora_rank: int = 0
     lora_alpha: float = 16.0

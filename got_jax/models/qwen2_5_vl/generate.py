@@ -7,14 +7,16 @@ Prompts are left-padded (``attention_mask`` 0 on the left). Generated tokens con
 positions after the prompt's largest position (transformers' ``rope_deltas``).
 
 :func:`forward` / :func:`forward_hidden` are the cache-free jitted forwards (logits and / or last
-hidden states after the final norm for every input position).
+hidden states after the final norm for every input position). Both split the model once
+(:func:`split_model`) and reuse jitted functions closed over its graphdef, so a call costs no graph walk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -95,15 +97,55 @@ class Sampler:
         length = ids.shape[1] + self.max_new_tokens if cache_length is None else int(cache_length)
         if length < ids.shape[1] + self.max_new_tokens:
             raise ValueError(f"cache_length {length} < prompt {ids.shape[1]} + max_new_tokens {self.max_new_tokens}")
-        graphdef, state = nnx.split(model)
+        split = split_model(model)
         key = jax.random.key(0) if key is None else key
         pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-        return _generate(self, graphdef, length, state, jnp.asarray(ids, jnp.int32), jnp.asarray(positions),
-                         jnp.asarray(mask), pv, aux, key)
+        run = split.jitted("generate", lambda g: jax.jit(functools.partial(_generate, g), static_argnums=(0, 1)))
+        return run(self, length, split.state, jnp.asarray(ids, jnp.int32), jnp.asarray(positions),
+                   jnp.asarray(mask), pv, aux, key)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _generate(sampler: Sampler, graphdef, length: int, state, input_ids, positions, mask, pixel_values, aux, key):
+class SplitModel:
+    """A model's ``nnx.split`` done once, with jitted functions that close over its graphdef.
+
+    ``nnx.split`` walks the whole module graph and a static graphdef is hashed by every jitted call: a few
+    ms per call, as much as a small model's prefill on CPU. The state's leaves are the model's own
+    ``Variable`` objects, so in-place updates (``var.value = ...``, ``nnx.update``, a training step) are
+    seen; replacing modules or variables of a model after its first call needs :func:`clear_split_cache`.
+    """
+
+    def __init__(self, model: nnx.Module):
+        self.graphdef, self.state = nnx.split(model)
+        self._fns: dict[str, Callable] = {}
+
+    def jitted(self, name: str, build: Callable[[Any], Callable]) -> Callable:
+        """The function ``build(graphdef)`` made once per model and ``name``."""
+        fn = self._fns.get(name)
+        if fn is None:
+            fn = self._fns[name] = build(self.graphdef)
+        return fn
+
+
+_SPLITS: "weakref.WeakKeyDictionary[nnx.Module, SplitModel]" = weakref.WeakKeyDictionary()
+
+
+def split_model(model: nnx.Module) -> SplitModel:
+    """The cached :class:`SplitModel` of ``model`` (made on first use, dropped with the model)."""
+    split = _SPLITS.get(model)
+    if split is None:
+        split = _SPLITS[model] = SplitModel(model)
+    return split
+
+
+def clear_split_cache(model: nnx.Module | None = None) -> None:
+    """Forget the cached split of ``model`` (all models when None): call after changing its structure."""
+    if model is None:
+        _SPLITS.clear()
+    else:
+        _SPLITS.pop(model, None)
+
+
+def _generate(graphdef, sampler: Sampler, length: int, state, input_ids, positions, mask, pixel_values, aux, key):
     model = nnx.merge(graphdef, state)
     cfg = model.cfg.text
     b, t = input_ids.shape
@@ -113,7 +155,7 @@ def _generate(sampler: Sampler, graphdef, length: int, state, input_ids, positio
     slots = jnp.arange(length)
     prefill_mask = (slots[None, :] <= jnp.arange(t)[:, None])[None] & cache.valid[:, None, :]
     x = model.embed(input_ids, pixel_values, aux)
-    hidden, cache = model.language_model(x, positions, prefill_mask, cache, 0)
+    hidden, cache = model.language_model(x, positions, prefill_mask, cache, 0, kv_valid=cache.valid)
     last = hidden[:, -1]
     start = jnp.max(positions, axis=(0, 2)) + 1  # (B,) next M-RoPE position of each row
     stops = jnp.asarray(sampler.stop_token_ids or (-1,), jnp.int32)
@@ -161,7 +203,6 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids, *, max_new_to
                    image_grid_thw=image_grid_thw, key=key, cache_length=cache_length)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _forward(graphdef, with_logits, state, input_ids, positions, mask, pixel_values, aux) -> ModelOutput:
     return nnx.merge(graphdef, state).forward(input_ids, positions, mask, pixel_values, aux, with_logits)
 
@@ -171,10 +212,11 @@ def forward(model: Qwen2_5_VLForConditionalGeneration, input_ids, *, attention_m
     """Jitted cache-free forward: logits (B, T, V) float32 (None with ``with_logits=False``) and last
     hidden states (B, T, D) after the final norm. One compile per input shape."""
     positions, _, mask, aux = model.prepare(input_ids, image_grid_thw, attention_mask)
-    graphdef, state = nnx.split(model)
+    split = split_model(model)
+    run = split.jitted("forward", lambda g: jax.jit(functools.partial(_forward, g), static_argnums=0))
     pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-    return _forward(graphdef, with_logits, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(positions), jnp.asarray(mask),
-                    pv, aux)
+    return run(with_logits, split.state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(positions),
+               jnp.asarray(mask), pv, aux)
 
 
 def forward_hidden(model: Qwen2_5_VLForConditionalGeneration, input_ids, *, attention_mask=None, pixel_values=None,

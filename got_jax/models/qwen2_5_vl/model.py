@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.models.attention import masked_attention, xla_masked_attention
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, RMSNorm, VisionAux, prepare_vision_inputs
@@ -217,16 +218,7 @@ class KVCache(NamedTuple):
         return cls(zeros, zeros, jnp.zeros((batch, length), bool))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention, softmax in float32. q (B,T,N,H), k/v (B,S,K,H), mask (B,T,S) bool."""
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k).astype(jnp.float32) * (h ** -0.5)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+attention = xla_masked_attention  # the exact path (kernels: got_jax.models.attention.masked_attention)
 
 
 class Attention(nnx.Module):
@@ -241,9 +233,13 @@ class Attention(nnx.Module):
         self.v_proj = DenseGeneral("BTD,DNH->BTNH", (d, kv, h), ("embed", "kv_heads", "kv"), (kv, h),
                                    ("kv_heads", "kv"), lora=on("v_proj"), **kw)
         self.o_proj = DenseGeneral("BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), lora=on("o_proj"), **kw)
+        self.attention_impl = options.attention_impl
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-        """Returns (output, (k, v)): the full cache entries (after the update) when ``cache_kv`` is given."""
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None, kv_valid=None):
+        """Returns (output, (k, v)): the full cache entries (after the update) when ``cache_kv`` is given.
+
+        ``kv_valid`` (B, S) or None: given, ``mask`` is ``causal & kv_valid`` (query i at slot i), which
+        lets the fused kernels of :func:`~got_jax.models.attention.masked_attention` use it."""
         q = _apply_rope(self.q_proj(x), cos, sin)
         k = _apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
@@ -252,7 +248,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
         q = sharding.constrain(q, "activation_batch", "activation_length", "activation_heads", None)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl, kv_valid)
         return self.o_proj(out), (k, v)
 
 
@@ -278,14 +274,17 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None, kv_valid=None):
         """(output, (k, v)); without a cache the layer runs under ``options.remat`` (training)."""
         if cache_kv is None:
-            return remat_call(self.options, lambda m, *a: m.forward(*a), self, x, cos, sin, mask)
-        return self.forward(x, cos, sin, mask, cache_kv, index)
+            if kv_valid is None:
+                return remat_call(self.options, lambda m, *a: m.forward(*a), self, x, cos, sin, mask)
+            return remat_call(self.options, lambda m, x, c, s, mk, kv: m.forward(x, c, s, mk, None, None, kv),
+                              self, x, cos, sin, mask, kv_valid)
+        return self.forward(x, cos, sin, mask, cache_kv, index, kv_valid)
 
-    def forward(self, x, cos, sin, mask, cache_kv=None, index=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index)
+    def forward(self, x, cos, sin, mask, cache_kv=None, index=None, kv_valid=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index, kv_valid)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return sharding.constrain(x, "activation_batch", "activation_length", "activation_embed"), kv
@@ -304,18 +303,20 @@ class TextModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def __call__(self, embeds, positions, mask, cache: KVCache | None = None, index=None):
+    def __call__(self, embeds, positions, mask, cache: KVCache | None = None, index=None, kv_valid=None):
         """Final-norm hidden states (B, T, D) and the updated cache (None without one).
 
         ``positions`` (3, B, T) M-RoPE positions; ``mask`` (B, T, S) which keys each query may see
         (S = T without a cache, the cache length with one); ``index`` is the cache slot of token 0.
+        ``kv_valid`` (B, S): pass it when ``mask == causal & kv_valid`` with token 0 at slot 0 (prefill),
+        so fused attention kernels can take the mask as causal + segments.
         """
         cos, sin = mrope_cos_sin(positions, self.cfg, self.dtype)
         x = embeds.astype(self.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             ckv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, cos, sin, mask, ckv, index)
+            x, (k, v) = layer(x, cos, sin, mask, ckv, index, kv_valid)
             ks.append(k)
             vs.append(v)
         new_cache = None if cache is None else cache._replace(k=tuple(ks), v=tuple(vs))
@@ -406,7 +407,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         t = input_ids.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))
         attn_mask = causal[None] & mask[:, None, :]
-        hidden, _ = self.language_model(x, positions, attn_mask)
+        hidden, _ = self.language_model(x, positions, attn_mask, kv_valid=mask)
         return ModelOutput(logits=self.logits(hidden) if with_logits else None, hidden_states=hidden)
 
     def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None) -> ModelOutput:

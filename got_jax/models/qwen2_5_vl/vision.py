@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.models import attention
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 
 _ACTIVATIONS = {
@@ -371,6 +372,7 @@ class VisionAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.dtype = options.dtype
+        self.attention_impl = options.attention_impl
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                  chunk: int | None) -> jax.Array:
@@ -381,39 +383,19 @@ class VisionAttention(nnx.Module):
         q = (q.astype(jnp.float32) * c + _rotate_half(q.astype(jnp.float32)) * s).astype(self.dtype)
         k = (k.astype(jnp.float32) * c + _rotate_half(k.astype(jnp.float32)) * s).astype(self.dtype)
         q = sharding.constrain(q, "activation_length", "activation_heads", None)
-        out = segment_attention(q, k, v, segments, chunk, self.head_dim ** -0.5)
+        out = segment_attention(q, k, v, segments, chunk, self.head_dim ** -0.5, self.attention_impl)
         return self.proj(out.reshape(length, -1))
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, chunk: int | None,
-                      scale: float) -> jax.Array:
+                      scale: float, impl: str = "xla") -> jax.Array:
     """Softmax attention (float32 logits and softmax) of (L, H, D) q/k/v where only equal segment ids meet.
 
     With ``chunk`` (L a multiple of it, every segment at most ``chunk`` long and contiguous), queries
     of each chunk only look at keys of the previous, own and next chunk: exact, and O(L * 3 chunk)
-    instead of O(L^2) for window attention.
+    instead of O(L^2) for window attention. ``impl`` picks the kernel (:mod:`got_jax.models.attention`).
     """
-    dtype = q.dtype
-    if chunk is None:
-        mask = segments[:, None] == segments[None, :]
-        logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        return jnp.einsum("hqk,khd->qhd", probs, v)
-    n = q.shape[0] // chunk
-
-    def neighbours(a, fill):  # (L, ...) -> (n, 3 * chunk, ...): chunks i-1, i, i+1 side by side
-        pad = jnp.full((chunk,) + a.shape[1:], fill, a.dtype)
-        b = jnp.concatenate([pad, a, pad]).reshape((n + 2, chunk) + a.shape[1:])
-        return jnp.concatenate([b[:-2], b[1:-1], b[2:]], axis=1)
-
-    kb, vb, sk = neighbours(k, 0), neighbours(v, 0), neighbours(segments, -2)
-    qb, sq = q.reshape((n, chunk) + q.shape[1:]), segments.reshape(n, chunk)
-    logits = jnp.einsum("nqhd,nkhd->nhqk", qb, kb, preferred_element_type=jnp.float32) * scale
-    mask = sq[:, None, :, None] == sk[:, None, None, :]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    return jnp.einsum("nhqk,nkhd->nqhd", probs, vb).reshape(q.shape)
+    return attention.segment_attention(q, k, v, segments, chunk, scale, impl)
 
 
 class VisionMLP(nnx.Module):

@@ -3,13 +3,14 @@
 Parameter names follow diffusers' state-dict keys (``conv1``, ``time_emb_proj``, ``to_q``, ...); conv and
 linear weights are called ``kernel`` (layout (kh, kw, in, out) / (in, out)), norm parameters ``weight`` / ``bias``.
 
-Attention goes through :func:`attention`, which looks an implementation up in :data:`ATTENTION_FNS`
-(default ``"xla"``: ``jax.nn.dot_product_attention``, so XLA / cuDNN picks the kernel). A TPU splash /
-flash kernel is plugged in with :func:`register_attention` and selected by name (``attention_impl``).
+Attention looks its kernel up by name (``ModelOptions.attention_impl``) in :data:`ATTENTION_FNS`: the
+built-in ``"auto"`` (cuDNN on GPU, Pallas flash attention on TPU, exact XLA elsewhere), ``"xla"``,
+``"cudnn"`` and ``"pallas"`` of :mod:`got_jax.models.attention`, or a kernel added with :func:`register_attention`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -19,51 +20,17 @@ import numpy as np
 from flax import nnx
 
 from got_jax import sharding
+from got_jax.models import attention
+from got_jax.models.attention import QUERY_BLOCK, blocked_attention, dense_attention  # noqa: F401 (re-exported)
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-QUERY_BLOCK = 64  # query rows per block of the blocked attention
-_BLOCKED_MIN_SCORES = 256 * 256  # score matrices (per batch and head) from this size on are blocked on CPU
-
-
-def blocked_attention(q, k, v, block: int = QUERY_BLOCK):
-    """Exact softmax attention computed ``block`` query rows at a time (``lax.map``).
-
-    Same maths as ``jax.nn.dot_product_attention`` (max-subtracted softmax, float32 scores), but the
-    (T, S) score matrix never exists whole: on CPU, where the full matrix does not fit in cache,
-    this is about 3x faster for the UNet's 1024-4096-token self-attention.
-    """
-    b, t, n, h = q.shape
-    pad = (-t) % block
-    qh = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) * (1.0 / math.sqrt(h))
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    blocks = qh.reshape(b, n, (t + pad) // block, block, h).transpose(2, 0, 1, 3, 4)
-
-    def one(qb):
-        s = jnp.einsum("bnqh,bnkh->bnqk", qb, kh, preferred_element_type=jnp.float32)
-        p = jnp.exp(s - s.max(-1, keepdims=True))
-        o = jnp.einsum("bnqk,bnkh->bnqh", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-        return (o / p.sum(-1, keepdims=True)).astype(q.dtype)
-
-    out = jax.lax.map(one, blocks).transpose(1, 0, 3, 2, 4).reshape(b, t + pad, n, h)
-    return out[:, :t]
-
-
-def _xla_attention(q, k, v):
-    """q (B, T, N, H), k / v (B, S, N, H) -> (B, T, N, H); scale 1/sqrt(H), no mask.
-
-    ``jax.nn.dot_product_attention`` (XLA / cuDNN pick the kernel); on the CPU backend large score
-    matrices go through :func:`blocked_attention` instead (same numbers, cache-sized blocks).
-    """
-    if jax.default_backend() == "cpu" and q.shape[1] * k.shape[1] >= _BLOCKED_MIN_SCORES:
-        return blocked_attention(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v)
-
-
-ATTENTION_FNS: dict[str, AttentionFn] = {"xla": _xla_attention, "blocked": blocked_attention,
-                                         "dot_product_attention": jax.nn.dot_product_attention}
+# the built-in kernels of got_jax.models.attention ("auto" picks by backend) plus two plain XLA variants
+ATTENTION_FNS: dict[str, AttentionFn] = {
+    **{name: functools.partial(dense_attention, impl=name) for name in attention.BUILTIN},
+    "blocked": blocked_attention, "dot_product_attention": jax.nn.dot_product_attention}
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
