@@ -15,6 +15,9 @@ everywhere, the ``"auto"`` attention (exact XLA on CPU), no remat, no LoRA.
   the results of matmuls without batch dimensions, recompute the rest:
   ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``). Applied with ``nnx.remat`` to the reasoner's
   decoder layers, the vision blocks and the UNet's transformer and resnet blocks (:func:`remat_call`).
+* ``conv_weight_grad``: how the SDXL convolutions' kernel gradients are computed: ``"auto"`` (one matmul per
+  kernel tap on the CPU, where XLA's kernel-gradient convolution is slow; XLA's convolution elsewhere),
+  ``"xla"`` or ``"matmul"`` (:mod:`got_jax.models.sdxl.conv`). Forward values never change.
 * LoRA (``lora_rank > 0``): trainable low-rank adapters on the reasoner's decoder projections named in
   ``lora_targets`` (PEFT's module names; the short names ``q, k, v, o, gate, up, down`` are accepted).
   Output ``base(x) + scale * B(A(dropout(x)))`` with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)``
@@ -60,10 +63,14 @@ class ModelOptions:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DECODER_PROJECTIONS
     use_rslora: bool = False
+    conv_weight_grad: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _dtype(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", _dtype(self.param_dtype, "param_dtype"))
+        if self.conv_weight_grad not in ("auto", "xla", "matmul"):
+            raise ValueError(f"ModelOptions.conv_weight_grad must be 'auto', 'xla' or 'matmul', got "
+                             f"{self.conv_weight_grad!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelOptions.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         rank = 0 if self.lora_rank is None else int(self.lora_rank)

@@ -23,6 +23,7 @@ from got_jax import sharding
 from got_jax.models import attention
 from got_jax.models.attention import QUERY_BLOCK, blocked_attention, dense_attention  # noqa: F401 (re-exported)
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
+from got_jax.models.sdxl.conv import conv2d
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -75,13 +76,13 @@ class Conv(nnx.Module):
         self.stride = stride
         self.padding = k // 2 if padding is None else padding
         self.dtype = options.dtype
+        self.weight_grad = options.conv_weight_grad
 
     def __call__(self, x, padding=None):
         pad = self.padding if padding is None else padding
         pad = [(pad, pad)] * 2 if isinstance(pad, int) else pad
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                         (self.stride, self.stride), pad,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, pad,
+                   weight_grad=self.weight_grad)
         return y + self.bias[...].astype(self.dtype)
 
 
