@@ -31,6 +31,7 @@ setuptools.setup(
         "pyarrow",
         "pillow",
         "numpy",
+        "scipy",  # got_jax.eval.detect (connected components)
         "tqdm",
         "absl-py",
     ],
