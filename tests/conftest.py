@@ -1,12 +1,18 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, float32 at highest matmul precision."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests, float32 at highest matmul precision, and one
+persistent XLA compilation cache for the session (this process and the CLIs the tests start inherit it
+through the environment: the same tiny programs compile once per run instead of once per subprocess)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="got_jax_test_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 
@@ -18,3 +24,10 @@ try:  # keep torch from fighting JAX for the two CI cores
     torch.set_num_threads(2)
 except ImportError:  # pragma: no cover
     pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
