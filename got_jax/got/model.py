@@ -158,9 +158,10 @@ class GoT(nnx.Module):
 
     def layout_latents(self, canvases: jax.Array, box_mask: jax.Array) -> jax.Array:
         """Spatial guidance: canvases (B, N, H, W, 3) in [-1, 1] with ``box_mask`` (B, N) marking real
-        canvases -> mean over each prompt's canvases of their VAE modes (B, H/8, W/8, 4)."""
+        canvases -> mean over each prompt's canvases of their VAE modes (B, H/8, W/8, 4), float32 (the mean is
+        taken in float32 whatever the compute dtype)."""
         b, n = canvases.shape[:2]
-        modes = self.encode_mode_each(canvases.reshape((b * n,) + canvases.shape[2:]))
+        modes = self.encode_mode_each(canvases.reshape((b * n,) + canvases.shape[2:])).astype(jnp.float32)
         modes = modes.reshape((b, n) + modes.shape[1:])
         w = box_mask.astype(modes.dtype)[:, :, None, None, None]
         return jnp.sum(modes * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
