@@ -52,6 +52,7 @@ setuptools.setup(
         "notebook": ["jupyter-bbox-widget==0.7.0", "ipywidgets>=8"],
         "test": [
             "pytest",
+            "pytest-xdist",  # pytest.ini: -n 2 (one worker per CI core; XLA compiles on one core each)
             "torch==2.13.0",
             "diffusers",
             "hypothesis",
