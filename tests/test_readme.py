@@ -42,7 +42,7 @@ REAL_SOURCES = {  # the real GoT annotation folders of the README -> (builder co
     "OmniEdit-GoT": "omniedit_got", "SEED-Edit-GoT": "seed_edit_multiturn_got",
 }
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme")]  # one worker: one module fixture
+pytestmark = pytest.mark.slow
 
 
 # ------------------------------------------------------------------------------------ README parsing
