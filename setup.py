@@ -52,7 +52,7 @@ setuptools.setup(
         "notebook": ["jupyter-bbox-widget==0.7.0", "ipywidgets>=8"],
         "test": [
             "pytest",
-            "pytest-xdist",  # pytest.ini: -n 2 (one worker per CI core; XLA compiles on one core each)
+            "pytest-xdist",  # pytest.ini: -n 2 --dist loadfile (one worker per CI core; a test file and its module fixtures stay on one worker)
             "torch==2.13.0",
             "diffusers",
             "hypothesis",
