@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 2
     c.optim.end_learning_rate = 0.0
+    c.optim.decay_steps = 0  # the cosine's horizon; 0: total_steps (set it to extend a run without changing its schedule)
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
     c.optim.weight_decay = 0.05
     c.optim.clip_norm = 1.0

@@ -67,7 +67,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 def optim_config(config) -> OptimConfig:
     o = config.optim
     return OptimConfig(learning_rate=float(o.learning_rate), warmup_steps=int(o.warmup_steps),
-                       total_steps=int(config.total_steps), end_learning_rate=float(o.end_learning_rate),
+                       total_steps=int(o.get("decay_steps") or config.total_steps), end_learning_rate=float(o.end_learning_rate),
                        b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
                        clip_norm=o.clip_norm, grad_accum=int(o.grad_accum))
 
