@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -31,6 +32,24 @@ from got_jax.checkpoint.mapping import path_str
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data")
+
+# Orbax's replica-parallel save splits every replicated array among its replicas, and each distinct slice
+# is a jitted program of its own: the tiny test run on 8 CPU devices compiled 332 of them (22 s) at its first
+# save; got_6b's ~1,000 arrays would do the same on a pod. Arrays under this many bytes per slice are written
+# whole by one replica (Orbax's ``min_slice_bytes_for_replica_parallel``); big ones still split.
+MIN_SLICE_BYTES = 8 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's standard PyTree handler with :data:`MIN_SLICE_BYTES` set on its ``jax.Array`` handler."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    arrays = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES,
+        array_metadata_store=getattr(default, "_array_metadata_store", None))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *[(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)],
+        (jax.Array, arrays))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def make_manager(workdir: str, *, save_every: int, keep: int, keep_every: int,
@@ -43,7 +62,8 @@ def make_manager(workdir: str, *, save_every: int, keep: int, keep_every: int,
         cleanup_tmp_directories=True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler()})
 
 
 def _is_saved(path, var, frozen) -> bool:
@@ -67,7 +87,7 @@ def save(mgr: ocp.CheckpointManager, step: int, state: nnx.State, frozen_filter,
     """Offers ``step`` to the manager (it saves on its interval, at preemption, or when ``force``)."""
     if step in mgr.all_steps():
         return False
-    return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(values(saved_flat(state, frozen_filter))),
+    return mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(values(saved_flat(state, frozen_filter))),
                                                   data=ocp.args.JsonSave(data_state)), force=force)
 
 
@@ -83,7 +103,8 @@ def restore(mgr: ocp.CheckpointManager, step: int, state: nnx.State, shardings: 
         sh = getattr(sh, "get_value", lambda: sh)() if isinstance(sh, nnx.Variable) else sh
         target[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
     try:
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args),
                                                         data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{mgr.directory}/{step}: the checkpoint does not match this run's trainable state "
