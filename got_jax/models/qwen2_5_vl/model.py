@@ -29,6 +29,8 @@ from got_jax import sharding
 from got_jax.models.attention import masked_attention, xla_masked_attention
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
+from got_jax.models import rng
+from got_jax.models.rng import KeyStream
 from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, RMSNorm, VisionAux, prepare_vision_inputs
 
 _INIT = nnx.initializers.normal(0.02)
@@ -162,7 +164,7 @@ class DenseGeneral(nnx.Module):
                 rngs.params(), (*shape[:n], r), options.param_dtype))
             self.lora_b = nnx.LoRAParam(sharding.param_init(nnx.initializers.zeros, "lora_rank", *names[n:])(
                 rngs.params(), (r, *shape[n:]), options.param_dtype))
-            self.lora_dropout = (nnx.Dropout(options.lora_dropout, rngs=rngs) if options.lora_dropout > 0
+            self.lora_dropout = (rng.dropout(options.lora_dropout, rngs) if options.lora_dropout > 0
                                  else nnx.data(None))
         else:
             self.lora_a = self.lora_b = self.lora_dropout = nnx.data(None)
@@ -294,7 +296,7 @@ class TextModel(nnx.Module):
     """Embedding, decoder layers and the final norm (transformers' ``Qwen2_5_VLTextModel``)."""
 
     def __init__(self, cfg: TextConfig, *, options: ModelOptions, rngs: nnx.Rngs):
-        kw = dict(options=options, rngs=rngs)
+        kw = dict(options=options, rngs=KeyStream(rngs))
         self.cfg = cfg
         self.dtype = options.dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=options.dtype,
@@ -344,7 +346,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     """
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
-        kw = dict(options=options, rngs=rngs)
+        kw = dict(options=options, rngs=KeyStream(rngs))
         self.cfg = cfg
         self.options = options
         self.dtype = options.dtype

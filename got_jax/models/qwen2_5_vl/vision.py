@@ -32,6 +32,7 @@ from flax import nnx
 from got_jax import sharding
 from got_jax.models import attention
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
+from got_jax.models.rng import KeyStream
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -457,7 +458,7 @@ class Qwen2_5_VisionTransformer(nnx.Module):
     """The Qwen2.5-VL vision tower: flattened pixel patches -> merged image features for the LLM."""
 
     def __init__(self, cfg: VisionConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
-        kw = dict(options=options, rngs=rngs)
+        kw = dict(options=options, rngs=KeyStream(rngs))
         self.cfg = cfg
         self.dtype = options.dtype
         self.patch_embed = PatchEmbed(cfg, **kw)

@@ -23,6 +23,7 @@ from got_jax import sharding
 from got_jax.models import attention
 from got_jax.models.attention import QUERY_BLOCK, blocked_attention, dense_attention  # noqa: F401 (re-exported)
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
+from got_jax.models.rng import KeyStream  # noqa: F401 (re-exported)
 from got_jax.models.sdxl.conv import conv2d
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -46,22 +47,6 @@ def get_attention(name: str) -> AttentionFn:
 
 
 _init = nnx.initializers
-
-
-class KeyStream:
-    """Stands in for ``nnx.Rngs`` inside these models: ``params()`` folds a Python counter into one key.
-
-    Drawing one key per parameter from ``nnx.Rngs`` makes ``nnx.eval_shape`` of the full SDXL UNet take
-    minutes (each draw updates a traced counter); folding in a counter keeps the build linear.
-    """
-
-    def __init__(self, rngs: "nnx.Rngs | KeyStream"):
-        self._base = rngs.params()
-        self._n = 0
-
-    def params(self) -> jax.Array:
-        self._n += 1
-        return jax.random.fold_in(self._base, self._n)
 
 
 class Conv(nnx.Module):
