@@ -12,7 +12,7 @@
   with explicit in / out shardings on a ``(data, fsdp, tensor)`` mesh (parameters and optimizer
   state by their logical axis names and the rules; batch over ``data`` x ``fsdp``) and the state
   donated. Gradients are summed over the microbatches with ``lax.scan`` and averaged (the loss of a
-  step is the mean of its microbatch losses). Random draws come from ``fold_in(key, microbatch)``
+  step is the mean of its microbatch losses); one microbatch runs without the loop. Random draws come from ``fold_in(key, microbatch)``
   unless ``draws`` are given (stacked like the batch).
 """
 
@@ -226,9 +226,13 @@ class TrainStep:
             g, metrics = grad_fn(params, rest, mb, d, i)
             return jax.tree.map(jnp.add, acc, g), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, metrics = jax.lax.scan(body, zeros, (prepared, draws, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
+        if accum == 1:  # no loop, no zero-init / add / divide per parameter (a third fewer kernels to compile)
+            first = functools.partial(jax.tree.map, lambda x: x[0])
+            grads, metrics = grad_fn(params, rest, first(prepared), first(draws), jnp.int32(0))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, metrics = jax.lax.scan(body, zeros, (prepared, draws, jnp.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = jnp.asarray(self.lr(optimizer.step[...]), jnp.float32)
