@@ -30,7 +30,6 @@ from got_jax.models.attention import masked_attention, xla_masked_attention
 from got_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
 from got_jax.models import rng
-from got_jax.models.rng import KeyStream
 from got_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, RMSNorm, VisionAux, prepare_vision_inputs
 
 _INIT = nnx.initializers.normal(0.02)
@@ -296,7 +295,7 @@ class TextModel(nnx.Module):
     """Embedding, decoder layers and the final norm (transformers' ``Qwen2_5_VLTextModel``)."""
 
     def __init__(self, cfg: TextConfig, *, options: ModelOptions, rngs: nnx.Rngs):
-        kw = dict(options=options, rngs=KeyStream(rngs))
+        kw = dict(options=options, rngs=rng.KeyStream(rngs))
         self.cfg = cfg
         self.dtype = options.dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=options.dtype,
@@ -346,7 +345,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     """
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, options: ModelOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
-        kw = dict(options=options, rngs=KeyStream(rngs))
+        kw = dict(options=options, rngs=rng.KeyStream(rngs))
         self.cfg = cfg
         self.options = options
         self.dtype = options.dtype

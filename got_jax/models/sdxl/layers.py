@@ -23,7 +23,6 @@ from got_jax import sharding
 from got_jax.models import attention
 from got_jax.models.attention import QUERY_BLOCK, blocked_attention, dense_attention  # noqa: F401 (re-exported)
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions, remat_call
-from got_jax.models.rng import KeyStream  # noqa: F401 (re-exported)
 from got_jax.models.sdxl.conv import conv2d
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]

@@ -18,9 +18,10 @@ from flax import nnx
 
 from got_jax import sharding
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
+from got_jax.models.rng import KeyStream
 from got_jax.models.sdxl.config import UNetConfig
 from got_jax.models.sdxl.layers import (Conv, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
-                                        KeyStream, Transformer2DModel, Upsample2D, timestep_embedding)
+                                        Transformer2DModel, Upsample2D, timestep_embedding)
 
 
 class _Block(nnx.Module):

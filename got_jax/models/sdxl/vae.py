@@ -16,9 +16,10 @@ from flax import nnx
 
 from got_jax import sharding
 from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
+from got_jax.models.rng import KeyStream
 from got_jax.models.sdxl.config import VAEConfig
-from got_jax.models.sdxl.layers import (Conv, Downsample2D, GroupNorm, KeyStream, Linear, ResnetBlock2D,
-                                        Upsample2D, get_attention)
+from got_jax.models.sdxl.layers import (Conv, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D,
+                                        get_attention)
 
 _EPS = 1e-6
 
