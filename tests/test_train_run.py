@@ -45,14 +45,7 @@ def env(tmp_path_factory):
     base = os.environ.get("GOT_TRAIN_TEST_DIR")
     base = pathlib.Path(base) if base else tmp_path_factory.mktemp("train_run")
     data = shapes.write_shapes(base / "shapes", size=32, num_generation=48, num_editing=0, seed=0)
-    # this module's in-process runs cache every program, however short its compile (as the CLIs it starts do):
-    # the train.py launches then load U's hundreds of small programs instead of compiling them again
-    import jax
-
-    before = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield {"base": base, "sources": f"file:{data}/annotations/generation.jsonl@shapes"}
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+    return {"base": base, "sources": f"file:{data}/annotations/generation.jsonl@shapes"}
 
 
 def _overrides(env, **kw) -> dict:
@@ -63,12 +56,12 @@ def _overrides(env, **kw) -> dict:
 
 
 def _train(workdir, overrides: dict, *, flags=(), env_vars=None, wait=True):
-    """``train.py`` in a subprocess: the test session's matmul precision, its compilation cache (every program
-    cached, however short its compile, so launches after the first skip the many small compiles)."""
+    """``train.py`` in a subprocess: the test session's matmul precision and compilation cache (tests/conftest.py
+    caches every program, so launches after the first skip the many small compiles)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_test.py"),
            f"--workdir={workdir}", *flags, *[f"--config.{k}={v}" for k, v in overrides.items()]]
     e = dict(os.environ, PYTHONPATH=ROOT, JAX_DEFAULT_MATMUL_PRECISION=str(jax_precision()),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env_vars or {}))
+             **(env_vars or {}))
     if not wait:
         return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=1800)
