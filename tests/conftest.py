@@ -1,13 +1,15 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, float32 at highest matmul precision, and one
-persistent XLA compilation cache for the session (this process and the CLIs the tests start inherit it
-through the environment: the same tiny programs compile once per run instead of once per subprocess).
-Every program is cached, however short its compile: a CLI launch compiles ~130 small eager programs
-(~7 s on a CI core) that the next launch of the same model then loads."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests (with the compile flags of tests/cpu_env.py),
+float32 at highest matmul precision, and one persistent XLA compilation cache for the session (this process
+and the CLIs the tests start inherit it through the environment: the same tiny programs compile once per run
+instead of once per subprocess). Every program is cached, however short its compile: a CLI launch compiles
+~130 small eager programs (~7 s on a CI core) that the next launch of the same model then loads."""
 
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from cpu_env import xla_flags  # tests/ is on sys.path (rootdir conftest)
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
