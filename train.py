@@ -35,6 +35,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     import jax  # noqa: PLC0415
 
+    from got_jax.cli import fewer_gc_passes  # noqa: PLC0415
+
+    fewer_gc_passes()
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     from got_jax.train import run  # noqa: PLC0415

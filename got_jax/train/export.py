@@ -108,6 +108,10 @@ def export_run(config, workdir: str, out: str, *, step: int | None = None, fmt: 
 def main(argv):
     from absl import flags  # noqa: PLC0415
 
+    from got_jax.cli import fewer_gc_passes  # noqa: PLC0415
+
+    fewer_gc_passes()
+
     f = flags.FLAGS
     if f.demo:
         from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
