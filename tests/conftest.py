@@ -1,4 +1,4 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests (with the compile flags of tests/cpu_env.py),
+"""Test-wide setup: 8 fake CPU devices for sharding tests (XLA_FLAGS from tests/cpu_env.py),
 float32 at highest matmul precision, and one persistent XLA compilation cache for the session (this process
 and the CLIs the tests start inherit it through the environment: the same tiny programs compile once per run
 instead of once per subprocess). Every program is cached, however short its compile: a CLI launch compiles

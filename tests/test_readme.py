@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpu_env import xla_flags
+from cpu_env import LLVM_O0, NO_YNN, xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -148,7 +148,7 @@ def substitute_python(code: str, work: Path) -> str:
 
 def env() -> dict:
     e = dict(os.environ)
-    e.update(PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu",
+    e.update(PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(2, LLVM_O0, NO_YNN), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return e
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpu_env import xla_flags
+from cpu_env import LLVM_O0, NO_YNN, xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def test_two_processes_share_the_prompts_file(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"prompt {i}", "id": f"r{i}"}) + "\n"
                                               for i in range(5)))
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2, LLVM_O0, NO_YNN), PYTHONPATH=str(ROOT))
     args = ["--ckpt", "ckpt", "--prompts_file", "p.jsonl", "--outdir", "o", "--config.height=64",
             "--config.width=64", "--config.num_inference_steps=1", "--config.max_new_tokens=2",
             "--config.batch_size=1", "--config.mesh_shape=(-1,1,1)", "--config.dtype=float32",

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import configs.tiny_test as tiny
-from cpu_env import xla_flags
+from cpu_env import LLVM_O0, xla_flags
 from got_jax.data import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +189,7 @@ def _two_processes(workdir, overrides, devices_each: int):
     port = _free_port()
     return [_train(workdir, overrides, wait=False,
                    flags=(f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
-                   env_vars={"XLA_FLAGS": xla_flags(devices_each)}) for i in range(2)]
+                   env_vars={"XLA_FLAGS": xla_flags(devices_each, LLVM_O0)}) for i in range(2)]
 
 
 @pytest.mark.slow
