@@ -22,8 +22,8 @@ QUIET_LOGGERS = ("absl", "orbax", "jax._src.distributed", "jax._src.compilation_
 def fewer_gc_passes() -> None:
     """A young-generation collection every 100,000 net allocations instead of 700 (the older generations as
     before, relative to it). Tracing JAX programs makes and drops Python objects by the million; at the default
-    a warm ``train.py`` launch of the tiny model spent ~5 s (of ~45 s) in the collector. Memory held between
-    collections stays small (100,000 small objects)."""
+    (perf: ``gc_collect_main``) a warm launch of the tiny training run spent ~5 s of ~45 s in the collector and
+    ``sample.py --demo`` 1-4 s of ~30 s. Memory held between collections stays small (100,000 small objects)."""
     gc.set_threshold(100_000, 50, 50)
 
 
