@@ -2,18 +2,29 @@
 
 * An error reaches the user as one line, ``<program>: error: <what and where>``, on stderr, and the exit
   status is :data:`USAGE_ERROR` (2, as for a bad flag); ``--verbosity=1`` (or higher) shows the traceback.
+* Python's cyclic garbage collector runs less often (:func:`fewer_gc_passes`): tracing a model allocates
+  millions of short-lived objects, and a launch spent ~10% of its time in the collector.
 * The console keeps to what the user needs: library INFO logging (Orbax logs a dozen lines per
   checkpoint read or write) is off unless ``--verbosity`` asks for it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
 
 USAGE_ERROR = 2
 QUIET_LOGGERS = ("absl", "orbax", "jax._src.distributed", "jax._src.compilation_cache")
+
+
+def fewer_gc_passes() -> None:
+    """A young-generation collection every 100,000 net allocations instead of 700 (the older generations as
+    before, relative to it). Tracing JAX programs makes and drops Python objects by the million; at the default
+    (perf: ``gc_collect_main``) a warm launch of the tiny training run spent ~5 s of ~45 s in the collector and
+    ``sample.py --demo`` 1-4 s of ~30 s. Memory held between collections stays small (100,000 small objects)."""
+    gc.set_threshold(100_000, 50, 50)
 
 
 def one_line(e: BaseException) -> str:
@@ -47,6 +58,7 @@ def absl_main(main, prog: str):
         from absl import flags  # noqa: PLC0415
         from absl import logging as absl_logging  # noqa: PLC0415
 
+        fewer_gc_passes()
         verbosity = flags.FLAGS.verbosity
         if not flags.FLAGS["verbosity"].present:
             absl_logging.set_verbosity(absl_logging.WARNING)

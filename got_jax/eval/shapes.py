@@ -260,6 +260,9 @@ def load_pipeline(ckpt: str, dtype: str = "float32"):
 
 
 def main(argv=None) -> dict:
+    from got_jax.cli import fewer_gc_passes  # noqa: PLC0415
+
+    fewer_gc_passes()
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="converted GoT folder (sample.py --ckpt)")
