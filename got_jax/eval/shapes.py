@@ -260,9 +260,6 @@ def load_pipeline(ckpt: str, dtype: str = "float32"):
 
 
 def main(argv=None) -> dict:
-    from got_jax.cli import fewer_gc_passes  # noqa: PLC0415
-
-    fewer_gc_passes()
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="converted GoT folder (sample.py --ckpt)")
@@ -320,4 +317,7 @@ def _check_size(parser, ckpt: str, size: int) -> None:
 
 
 if __name__ == "__main__":
+    from got_jax.cli import fewer_gc_passes
+
+    fewer_gc_passes()  # the command only: main() is also called from Python, whose collector stays as it is
     main()
