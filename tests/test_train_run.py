@@ -7,9 +7,12 @@ session's persistent compilation cache, so each distinct program compiles once f
 reference is one uninterrupted single-process run ``U`` of 6 steps on 8 fake devices (mesh 2x2x2), which also
 evaluates and samples at the end.
 
-What needs a process of its own runs ``train.py`` (kill -9, SIGTERM, two processes); resuming and restoring
-run ``run.train_and_evaluate`` in the test process (the same program on the same 8 devices: a subprocess
-launch costs ~1 min of imports, tokenizer, data setup and cached-program loads on a 2-core CI machine).
+What needs a process of its own runs ``train.py`` (kill -9, SIGTERM on two processes); resuming, restoring and
+a single process's SIGTERM run ``run.train_and_evaluate`` in the test process (the same program on the same 8
+devices: a subprocess launch costs ~1 min of imports, tokenizer, data setup and cached-program loads on a 2-core
+CI machine). A single-process ``train.py`` does not initialise ``jax.distributed``, so its numbers are the test
+process's bit for bit (with it, XLA:CPU reduces across devices with other collectives; at LLVM -O0, the tests'
+setting, a step's gradients then differed in their last bits).
 
 Tolerances: same topology (kill -9 + resume) - bit-identical losses (float32 equality). New topology (1 process
 on 8 devices at 2x2x2 -> 2 processes on 2 devices each at 1x4x1 -> 1 process on 8 devices) - the continued
@@ -176,6 +179,44 @@ def test_kill9_right_after_checkpoint_then_resume_is_bit_identical(env, uninterr
     got, want = _losses(w), _losses(uninterrupted)
     assert sorted(got) == [1] + list(range(3, STEPS + 1))
     for s in range(3, STEPS + 1):
+        assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
+
+
+@pytest.mark.slow
+def test_sigterm_single_process_saves_the_step_it_stopped_at(env, uninterrupted):
+    """One process resumed from U's checkpoint 2 with 1000 steps to go (U's schedule: ``optim.decay_steps=6``)
+    gets SIGTERM once step 3 is logged: it saves the step it reached and returns ``preempted``; its losses are
+    U's bit for bit, and the SIGTERM handler is the previous one again afterwards."""
+    import threading
+
+    w = _fresh(env, "T")
+    shutil.copytree(uninterrupted / "checkpoints" / "2", w / "checkpoints" / "2")
+    sent = threading.Event()
+
+    def watch():  # the run goes on to step 1000 unless SIGTERM stops it, so the signal lands inside the loop
+        while not sent.is_set():
+            try:
+                logged = max(_losses(w), default=0) if os.path.exists(w / "metrics.jsonl") else 0
+            except ValueError:  # a line being written
+                logged = 0
+            if logged >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                sent.set()
+            time.sleep(0.05)
+
+    before = signal.getsignal(signal.SIGTERM)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out = _in_process(w, env, total_steps=1000, save_every=1000, **{"optim.decay_steps": STEPS})
+    finally:
+        sent.set()
+        watcher.join()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert out["preempted"] and out["start"] == 2 and 3 <= out["step"] < 1000, out["step"]
+    assert _steps(w)[-1] == out["step"]
+    got, want = _losses(w), _losses(uninterrupted)
+    for s in range(3, min(out["step"], STEPS) + 1):
         assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
 
 

@@ -14,8 +14,8 @@
 5. **Resume** from the newest complete step in ``<workdir>/checkpoints`` (trainable weights, optimizer, data
    state), restored straight into this run's shardings (any device count / mesh shape).
 6. **Loop**: step ``s`` uses ``fold_in(key(seed), s)``; every step is offered to the ``CheckpointManager``
-   (it saves every ``save_every`` steps and on preemption); on SIGTERM (``reached_preemption``) the step is
-   saved and the run stops cleanly. Metrics (clu) every ``log_every`` steps to TensorBoard, the log and
+   (it saves every ``save_every`` steps and on preemption); on SIGTERM (one process: :class:`SigtermFlag`;
+   several: Orbax's ``reached_preemption`` sync point) the step is saved and the run stops cleanly. Metrics (clu) every ``log_every`` steps to TensorBoard, the log and
    ``<workdir>/metrics.jsonl``; eval loss on the held-out records every ``eval_every`` steps and at the end;
    sample images every ``sample_every`` steps and at the end. A non-finite loss stops the run naming the steps.
 """
@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -49,19 +48,39 @@ log = logging.getLogger(__name__)
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, single_process: bool = True) -> None:
-    """``jax.distributed.initialize`` for pods, explicit multi-process runs and - so that SIGTERM reaches
-    Orbax's preemption sync point - single-process runs too (localhost coordinator on a free port)."""
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` for pods and explicit multi-process runs; a single process is left alone
+    (it catches SIGTERM itself: :class:`SigtermFlag`). Initialising it there would change the programs' numbers:
+    with the distributed client, XLA:CPU reduces across the local devices with other collectives, and at LLVM
+    -O0 a train step's gradients then differ in their last bits from the same program in a plain process."""
     if coordinator or (num_processes and num_processes > 1):
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     elif any(os.environ.get(k) for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
                                          "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID")):
         jax.distributed.initialize()
-    elif single_process:
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=1, process_id=0)
+
+
+class SigtermFlag:
+    """SIGTERM sets a flag that the loop reads after each step (single-process runs). Several processes agree on
+    the step to save through JAX's preemption sync point instead (``CheckpointManager.reached_preemption``, which
+    needs ``jax.distributed``). Installed only from the main thread; the previous handler comes back on exit."""
+
+    def __init__(self):
+        self.raised, self._old = False, None
+
+    def __enter__(self):
+        import threading  # noqa: PLC0415
+
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def optim_config(config) -> OptimConfig:
@@ -241,43 +260,45 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
     log_every = max(1, int(config.log_every))
     t0 = time.time()
     prepared = None
-    while step < total:
-        kind = kind_for_step(kinds, weights, int(config.seed), step)
-        prepared = task.prepare(next(loaders[kind]), optim_cfg.grad_accum)
-        prepared = D.global_batch_arrays(prepared, step_fn.batch_shardings(prepared))
-        state, m = step_fn(state, prepared, jax.random.fold_in(key, step))
-        step += 1
-        one = task.metrics.single_from_model_output(**m)
-        collected = one if collected is None else collected.merge(one)
-        stop_here = step == int(config.get("stop_at_step") or 0)
-        if mgr.should_save(step) or stop_here:
-            jax.block_until_ready(state)
-            ckpt.save(mgr, step, state, frozen, data_state(), force=stop_here)
-            if step == int(config.get("debug_sigkill_after_save") or 0):  # tests: kill -9 right after a checkpoint
+    with SigtermFlag() as sigterm:
+        while step < total:
+            kind = kind_for_step(kinds, weights, int(config.seed), step)
+            prepared = task.prepare(next(loaders[kind]), optim_cfg.grad_accum)
+            prepared = D.global_batch_arrays(prepared, step_fn.batch_shardings(prepared))
+            state, m = step_fn(state, prepared, jax.random.fold_in(key, step))
+            step += 1
+            one = task.metrics.single_from_model_output(**m)
+            collected = one if collected is None else collected.merge(one)
+            stop_here = step == int(config.get("stop_at_step") or 0)
+            term = sigterm.raised  # single process: SIGTERM seen (several processes: Orbax's sync point below)
+            if mgr.should_save(step) or stop_here or term:
+                jax.block_until_ready(state)
+                ckpt.save(mgr, step, state, frozen, data_state(), force=stop_here or term)
+                if step == int(config.get("debug_sigkill_after_save") or 0):  # tests: kill -9 right after a checkpoint
+                    mgr.wait_until_finished()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if term or mgr.reached_preemption(step):
                 mgr.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
-        if mgr.reached_preemption(step):
-            mgr.wait_until_finished()
-            log.warning("preemption signal: saved step %d in %s, stopping", step, mgr.directory)
-            preempted = True
-        report(step)
-        if step % log_every == 0 or step == total or preempted:
-            vals = {k: float(v) for k, v in jax.device_get(collected.compute()).items()}
-            if not np.isfinite(vals["loss"]) or not np.isfinite(vals["grad_norm"]):
-                raise FloatingPointError(f"non-finite loss {vals['loss']} / grad norm {vals['grad_norm']} "
-                                         f"in steps {first_unlogged}..{step}")
-            writer.write_scalars(step, {f"train/{k}": v for k, v in vals.items()})
-            _write_jsonl(workdir, {"step": step, "kind": kind, **vals})
-            collected, first_unlogged = None, step + 1
-        if preempted:
-            break
-        if stop_here:
-            log.info("config.stop_at_step=%d reached: saved and stopping", step)
-            break
-        if int(config.eval_every) > 0 and step % int(config.eval_every) == 0:
-            last_eval = run_eval(step)
-        if int(config.sample_every) > 0 and step % int(config.sample_every) == 0:
-            run_samples(step)
+                log.warning("preemption signal: saved step %d in %s, stopping", step, mgr.directory)
+                preempted = True
+            report(step)
+            if step % log_every == 0 or step == total or preempted:
+                vals = {k: float(v) for k, v in jax.device_get(collected.compute()).items()}
+                if not np.isfinite(vals["loss"]) or not np.isfinite(vals["grad_norm"]):
+                    raise FloatingPointError(f"non-finite loss {vals['loss']} / grad norm {vals['grad_norm']} "
+                                             f"in steps {first_unlogged}..{step}")
+                writer.write_scalars(step, {f"train/{k}": v for k, v in vals.items()})
+                _write_jsonl(workdir, {"step": step, "kind": kind, **vals})
+                collected, first_unlogged = None, step + 1
+            if preempted:
+                break
+            if stop_here:
+                log.info("config.stop_at_step=%d reached: saved and stopping", step)
+                break
+            if int(config.eval_every) > 0 and step % int(config.eval_every) == 0:
+                last_eval = run_eval(step)
+            if int(config.sample_every) > 0 and step % int(config.sample_every) == 0:
+                run_samples(step)
     stopped = preempted or step == int(config.get("stop_at_step") or 0)
     if not stopped:
         if step > 0 and step not in mgr.all_steps():
