@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests (XLA_FLAGS from tests/cpu_env.py),
+"""Test-wide setup: 8 fake CPU devices for sharding tests, CPU kernels built at LLVM -O0 (XLA_FLAGS from
+tests/cpu_env.py: the suite is mostly compiling),
 float32 at highest matmul precision, and one persistent XLA compilation cache for the session (this process
 and the CLIs the tests start inherit it through the environment: the same tiny programs compile once per run
 instead of once per subprocess). Every program is cached, however short its compile: a CLI launch compiles
@@ -7,9 +8,9 @@ instead of once per subprocess). Every program is cached, however short its comp
 import os
 import tempfile
 
-from cpu_env import xla_flags  # tests/ is on sys.path (rootdir conftest)
+from cpu_env import LLVM_O0, xla_flags  # tests/ is on sys.path (rootdir conftest)
 
-os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+os.environ.setdefault("XLA_FLAGS", xla_flags(8, LLVM_O0))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
