@@ -8,11 +8,11 @@ reference is one uninterrupted single-process run ``U`` of 6 steps on 8 fake dev
 evaluates and samples at the end.
 
 What needs a process of its own runs ``train.py`` (kill -9, SIGTERM on two processes); resuming, restoring and
-a single process's SIGTERM (after the kill -9 resume) run ``run.train_and_evaluate`` in the test process (the same program on the same 8
-devices: a subprocess launch costs ~1 min of imports, tokenizer, data setup and cached-program loads on a 2-core
-CI machine). A single-process ``train.py`` does not initialise ``jax.distributed``, so its numbers are the test
-process's bit for bit (with it, XLA:CPU reduces across devices with other collectives; at LLVM -O0, the tests'
-setting, a step's gradients then differed in their last bits).
+a single process's SIGTERM (after the kill -9 resume) run ``run.train_and_evaluate`` in the test process (the
+same program on the same 8 devices: a subprocess launch costs ~1 min of imports, tokenizer, data setup and
+cached-program loads on a 2-core CI machine). A single-process ``train.py`` does not initialise
+``jax.distributed``, so its numbers are the test process's bit for bit (with it, XLA:CPU reduces across devices
+with other collectives; at LLVM -O0, the tests' setting, a step's gradients then differed in their last bits).
 
 Tolerances: same topology (kill -9 + resume) - bit-identical losses (float32 equality). New topology (1 process
 on 8 devices at 2x2x2 -> 2 processes on 2 devices each at 1x4x1 -> 1 process on 8 devices) - the continued
@@ -106,6 +106,14 @@ def _losses(workdir) -> dict[int, dict]:
     return out
 
 
+def _last_logged(workdir) -> int:
+    """The newest step in ``metrics.jsonl`` while a run writes it (0: none yet, or a line being written)."""
+    try:
+        return max(_losses(workdir), default=0) if os.path.exists(workdir / "metrics.jsonl") else 0
+    except ValueError:
+        return 0
+
+
 def _steps(workdir) -> list[int]:
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit())
@@ -175,11 +183,7 @@ def _sigterm_once_logged(workdir, step: int):
 
     def watch():
         while not sent.is_set():
-            try:
-                logged = max(_losses(workdir), default=0) if os.path.exists(workdir / "metrics.jsonl") else 0
-            except ValueError:  # a line being written
-                logged = 0
-            if logged >= step:
+            if _last_logged(workdir) >= step:
                 os.kill(os.getpid(), signal.SIGTERM)
                 sent.set()
             time.sleep(0.05)
@@ -244,7 +248,7 @@ def test_new_topology_two_processes_sigterm_then_one_process_continues(env, unin
                                          **{"optim.decay_steps": STEPS}), devices_each=2)
     deadline = time.time() + 900
     while time.time() < deadline and all(p.poll() is None for p in procs):
-        if os.path.exists(w / "metrics.jsonl") and max(_losses(w), default=0) >= 3:
+        if _last_logged(w) >= 3:
             break
         time.sleep(0.2)
     assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]

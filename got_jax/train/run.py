@@ -15,7 +15,8 @@
    state), restored straight into this run's shardings (any device count / mesh shape).
 6. **Loop**: step ``s`` uses ``fold_in(key(seed), s)``; every step is offered to the ``CheckpointManager``
    (it saves every ``save_every`` steps and on preemption); on SIGTERM (one process: :class:`SigtermFlag`;
-   several: Orbax's ``reached_preemption`` sync point) the step is saved and the run stops cleanly. Metrics (clu) every ``log_every`` steps to TensorBoard, the log and
+   several: Orbax's ``reached_preemption`` sync point) the step is saved and the run stops cleanly. Metrics
+   (clu) every ``log_every`` steps to TensorBoard, the log and
    ``<workdir>/metrics.jsonl``; eval loss on the held-out records every ``eval_every`` steps and at the end;
    sample images every ``sample_every`` steps and at the end. A non-finite loss stops the run naming the steps.
 """
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -66,21 +68,20 @@ class SigtermFlag:
     needs ``jax.distributed``). Installed only from the main thread; the previous handler comes back on exit."""
 
     def __init__(self):
-        self.raised, self._old = False, None
+        self.raised, self._installed, self._old = False, False, None
 
     def __enter__(self):
-        import threading  # noqa: PLC0415
-
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = signal.signal(signal.SIGTERM, self._handle)  # None: a handler not set from Python
+            self._installed = True
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._old is None else self._old)
 
 
 def optim_config(config) -> OptimConfig:
