@@ -44,22 +44,40 @@ def pair(tmp_path_factory):
     return tm, load_diffusers_checkpoint(path, "vae"), x, eps
 
 
-def torch_loss(tm, x, eps, reconstruction, kl_weight):
+def torch_loss(tm, x, eps, reconstruction, kl_weight, foreground_weight=0.0):
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
     post = tm.encode(xt).latent_dist
     z = post.mean + post.std * torch.from_numpy(eps.transpose(0, 3, 1, 2))
     rec = tm.decode(z).sample
-    r = (rec - xt).abs().mean() if reconstruction == "l1" else ((rec - xt) ** 2).mean()
+    err = (rec - xt).abs() if reconstruction == "l1" else (rec - xt) ** 2
+    # the recipe's pixel weight: 1 + w for coloured pixels (darkest channel < 0.9: not white; brightest > -0.9:
+    # not black)
+    coloured = (xt.amin(dim=1, keepdim=True) < 0.9) & (xt.amax(dim=1, keepdim=True) > -0.9)
+    weight = 1.0 + foreground_weight * coloured.float()
+    r = (err * weight).mean()
     kl = post.kl().mean()
     return r + kl_weight * kl / (H * W * 3), r, kl
 
 
-@pytest.mark.parametrize("reconstruction", ["l1", "mse"])
-def test_vae_loss_matches_diffusers(pair, reconstruction):
+def _white_and_black(x):
+    x = x.copy()
+    x[:, 4:10] = 1.0
+    x[:, 10:] = -1.0
+    coloured = (x.min(-1) < 0.9) & (x.max(-1) > -0.9)
+    assert 0.2 < coloured.mean() < 0.3  # rows 0..3 (random) only
+    return x
+
+
+@pytest.mark.parametrize("reconstruction,foreground_weight", [("l1", 0.0), ("mse", 0.0), ("l1", 4.0)])
+def test_vae_loss_matches_diffusers(pair, reconstruction, foreground_weight):
     tm, model, x, eps = pair
-    cfg = V.VAELossConfig(reconstruction=reconstruction, kl_weight=KL_WEIGHT)
+    if foreground_weight:  # coloured rows, then white (the images' background), then black (the canvases')
+        x = _white_and_black(x)
+    cfg = V.VAELossConfig(reconstruction=reconstruction, kl_weight=KL_WEIGHT, foreground_weight=foreground_weight)
     with torch.no_grad():
-        total, r, kl = torch_loss(tm, x, eps, reconstruction, KL_WEIGHT)
+        total, r, kl = torch_loss(tm, x, eps, reconstruction, KL_WEIGHT, foreground_weight)
+        if foreground_weight:
+            assert float(r) > 1.05 * float(torch_loss(tm, x, eps, reconstruction, KL_WEIGHT)[1])  # it weighs
     ours, m = nnx.jit(lambda mdl, x, e: V.vae_loss(mdl, x, e, cfg))(model, x, eps)
     np.testing.assert_allclose(float(m["rec_loss"]), float(r), rtol=1e-5)
     np.testing.assert_allclose(float(m["kl"]), float(kl), rtol=1e-5)
@@ -67,11 +85,14 @@ def test_vae_loss_matches_diffusers(pair, reconstruction):
     assert float(KL_WEIGHT * kl / (H * W * 3)) > 0.1 * float(r)  # both terms matter in this test
 
 
-def test_vae_loss_gradients_match_torch_autograd(pair):
+@pytest.mark.parametrize("foreground_weight", [0.0, 4.0])
+def test_vae_loss_gradients_match_torch_autograd(pair, foreground_weight):
     tm, model, x, eps = pair
-    cfg = V.VAELossConfig(reconstruction="l1", kl_weight=KL_WEIGHT)
+    if foreground_weight:
+        x = _white_and_black(x)
+    cfg = V.VAELossConfig(reconstruction="l1", kl_weight=KL_WEIGHT, foreground_weight=foreground_weight)
     tm.zero_grad()
-    torch_loss(tm, x, eps, "l1", KL_WEIGHT)[0].backward()
+    torch_loss(tm, x, eps, "l1", KL_WEIGHT, foreground_weight)[0].backward()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def f(p):
@@ -103,6 +124,25 @@ def test_prepare_images_takes_editing_sources_too():
     edit = V.prepare_images({"target_image": t, "reference_image": r, "has_source_image": np.ones(2, bool)}, 2)
     assert edit["images"]["image"].shape == (2, 2, 8, 8, 3)
     np.testing.assert_array_equal(edit["images"]["image"].reshape(4, 8, 8, 3), np.concatenate([t, r]).astype(np.float32))
+
+
+def test_prepare_images_appends_the_first_layout_canvas():
+    """vae.layout_canvases: the first canvas of each example (uint8 boxes on black) joins as [-1, 1] images,
+    after the targets and the editing sources; without the flag the canvases are not used."""
+    rng = np.random.default_rng(0)
+    t, r = rng.uniform(-1, 1, (2, 8, 8, 3)), rng.uniform(-1, 1, (2, 8, 8, 3))
+    canv = np.zeros((2, 3, 8, 8, 3), np.uint8)
+    canv[0, 0, 2:5, 2:5] = (255, 165, 0)
+    canv[1, 1] = 255  # not the first canvas: unused
+    batch = {"target_image": t, "reference_image": r, "has_source_image": np.ones(2, bool), "layout_canvases": canv}
+    got = V.prepare_images(batch, 1, layout_canvases=True)["images"]["image"][0]
+    assert got.shape == (6, 8, 8, 3)
+    np.testing.assert_array_equal(got[:4], np.concatenate([t, r]).astype(np.float32))
+    np.testing.assert_allclose(got[4, 3, 3], [1.0, 165 / 255 * 2 - 1, -1.0], rtol=0, atol=1e-6)
+    assert (got[4, 0, 0] == -1).all() and (got[5] == -1).all()
+    assert V.prepare_images(batch, 1)["images"]["image"].shape == (1, 4, 8, 8, 3)
+    with pytest.raises(KeyError, match="layout_canvases"):
+        V.prepare_images({"target_image": t}, 1, layout_canvases=True)
 
 
 def test_vae_config_mismatch_names_the_key(tmp_path):

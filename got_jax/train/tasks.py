@@ -159,8 +159,10 @@ class VAETask:
         self.trainable, self.frozen = nnx.Param, nnx.Nothing
         v = config.get("vae") or {}
         self.loss_cfg = V.VAELossConfig(reconstruction=str(v.get("reconstruction", "l1")),
-                                        kl_weight=float(v.get("kl_weight", 1e-6)))
+                                        kl_weight=float(v.get("kl_weight", 1e-6)),
+                                        foreground_weight=float(v.get("foreground_weight", 0.0)))
         self.num_summary_images = int(v.get("num_summary_images", 4))
+        self.layout_canvases = bool(v.get("layout_canvases", False))
 
     def initial_model(self, mesh, rules):
         return V.random_vae(self.vae_cfg, int(self.config.seed), self.options)
@@ -171,7 +173,7 @@ class VAETask:
                                 loss_fn=V.train_loss, draws_fn=V.draws_for)
 
     def prepare(self, batch, grad_accum: int):
-        return V.prepare_images(batch, grad_accum)
+        return V.prepare_images(batch, grad_accum, self.layout_canvases)
 
     def eval_metrics(self, step_fn: TrainStep, model, prepared, key):
         first = jax.tree.map(lambda x: x[0], prepared)
@@ -183,7 +185,8 @@ class VAETask:
         """``vae/<i>``: input | reconstruction (posterior mean decoded) of held-out images."""
         if batch is None:
             return None
-        x = np.asarray(batch["images"]["image"][0][: self.num_summary_images])
+        every = np.asarray(batch["images"]["image"][0])  # targets, then sources, then layout canvases
+        x = every[np.unique(np.linspace(0, len(every) - 1, self.num_summary_images).astype(int))]
         rec = np.asarray(jax.jit(lambda m, x: m.decode(m.encode(x).mean))(model, x))
         to8 = lambda a: np.clip((a + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # noqa: E731
         cards = [np.concatenate([to8(x[i]), to8(rec[i])], axis=1) for i in range(len(x))]

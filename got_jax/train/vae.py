@@ -6,14 +6,22 @@ Stable Diffusion's autoencoder recipe (LDM ``LPIPSWithDiscriminator``) **without
     loss = rec(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)) / (H * W * 3),   z = mean + std * eps
 
 * ``rec``: mean absolute error (``reconstruction="l1"``, SD's choice and the default: flat-colour shapes keep
-  sharp edges under L1, where MSE blurs them) or mean squared error (``"mse"``), over all pixels.
+  sharp edges under L1, where MSE blurs them) or mean squared error (``"mse"``), over all pixels, each pixel
+  weighted ``1 + foreground_weight * [x is coloured]`` (coloured: neither white nor black, i.e. the darkest
+  channel < 0.9 and the brightest > -0.9; ``foreground_weight`` 0, the default, is SD's plain mean). On the
+  shapes world ~90% of the pixels are the white (images) or black (layout canvases) background, which a random
+  decoder learns first; the objects' colours come late (at 600 steps green and yellow still decoded as orange).
+  Weighting the coloured pixels puts the gradient where the colours are.
 * ``KL``: diffusers ``DiagonalGaussianDistribution.kl()`` (``0.5 * sum(mean^2 + var - 1 - logvar)`` over the
   latent's h, w, c per image), averaged over the batch. SD sums the reconstruction over pixels too; dividing
   both terms by the pixel count ``H * W * 3`` keeps SD's ratio (``kl_weight`` 1e-6 in SD) with a per-pixel loss.
 * ``eps`` is the only random draw (standard normal of the latent's shape, from the step key), so a test
   can feed PyTorch the same sample.
 
-Batches are the GoT data pipeline's: the target images, plus the source images of editing batches.
+Batches are the GoT data pipeline's: the target images, plus the source images of editing batches, plus (with
+``layout_canvases``) each example's first layout canvas -- the GoT stage encodes the plan's boxes painted on
+black with this VAE, and a VAE that only ever saw white-background images does not keep their colours (the
+first demo GoT painted every box blue).
 ``vae_from`` (GoT stage) reads ``<vae workdir>/vae_config.json`` (written by the VAE stage at the end, with
 ``scaling_factor = 1 / std`` of the posterior means) and the newest checkpoint's VAE weights.
 """
@@ -40,12 +48,15 @@ NON_ARCH_KEYS = ("scaling_factor", "sample_size", "_class_name", "_diffusers_ver
 class VAELossConfig:
     reconstruction: str = "l1"  # l1 | mse
     kl_weight: float = 1e-6
+    foreground_weight: float = 0.0  # extra weight of non-white pixels (0: SD's plain mean)
 
     def __post_init__(self):
         if self.reconstruction not in ("l1", "mse"):
             raise ValueError(f"config.vae.reconstruction must be 'l1' or 'mse', got {self.reconstruction!r}")
         if self.kl_weight < 0:
             raise ValueError(f"config.vae.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.foreground_weight < 0:
+            raise ValueError(f"config.vae.foreground_weight must be >= 0, got {self.foreground_weight}")
 
 
 def kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -58,8 +69,13 @@ def vae_loss(vae, images: jax.Array, eps: jax.Array, cfg: VAELossConfig) -> tupl
     post = vae.encode(images)
     z = post.mean + post.std * eps
     rec = vae.decode(z).astype(jnp.float32)
-    diff = rec - images.astype(jnp.float32)
-    r = jnp.mean(jnp.abs(diff)) if cfg.reconstruction == "l1" else jnp.mean(jnp.square(diff))
+    x = images.astype(jnp.float32)
+    diff = rec - x
+    err = jnp.abs(diff) if cfg.reconstruction == "l1" else jnp.square(diff)
+    if cfg.foreground_weight:
+        coloured = (jnp.min(x, axis=-1, keepdims=True) < 0.9) & (jnp.max(x, axis=-1, keepdims=True) > -0.9)
+        err = err * (1.0 + jnp.float32(cfg.foreground_weight) * coloured)
+    r = jnp.mean(err)
     k = jnp.mean(kl(post.mean, post.logvar))
     total = r + jnp.float32(cfg.kl_weight) * k / np.prod(images.shape[1:])
     return total, {"loss": total, "rec_loss": r, "kl": k}
@@ -80,14 +96,21 @@ def draws_for(key, prepared, model, schedule, cfg) -> dict[str, jax.Array]:
     return {"eps": jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)}
 
 
-def prepare_images(batch, grad_accum: int = 1) -> dict[str, Any]:
+def prepare_images(batch, grad_accum: int = 1, layout_canvases: bool = False) -> dict[str, Any]:
     """A GoT pipeline batch -> ``{"inputs": {}, "images": {"image": (accum, B', H, W, 3)}}``: the target images,
-    then (editing batches) the source images (B' = 2B)."""
+    then (editing batches) the source images, then (``layout_canvases``) each example's first layout canvas in
+    [-1, 1] (B' = B, 2B or 3B)."""
     if "target_image" not in batch:
         raise KeyError(f"VAE stage: batch has no 'target_image' (keys {sorted(batch)})")
     x = np.asarray(batch["target_image"], np.float32)
     if "has_source_image" in batch and np.asarray(batch["has_source_image"]).any():
         x = np.concatenate([x, np.asarray(batch["reference_image"], np.float32)])
+    if layout_canvases:
+        if "layout_canvases" not in batch:
+            raise KeyError(f"VAE stage with vae.layout_canvases: batch has no 'layout_canvases' (keys {sorted(batch)})")
+        c = np.asarray(batch["layout_canvases"])[:, 0]
+        c = c.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0) if c.dtype == np.uint8 else c
+        x = np.concatenate([x, c.astype(np.float32)])
     if x.shape[0] % grad_accum:
         raise ValueError(f"VAE stage: {x.shape[0]} images are not divisible by grad_accum={grad_accum}")
     return {"inputs": {}, "images": {"image": x.reshape((grad_accum, -1) + x.shape[1:])}}
