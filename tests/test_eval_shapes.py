@@ -269,3 +269,31 @@ def test_cli_writes_table_json_and_contact_sheet(tiny_ckpt, tiny_pipe, tmp_path,
             ev.main(args + ["--out", str(out)])
         assert msg in capsys.readouterr().err
     assert loads == [(str(tiny_ckpt), "float32")]  # none of the bad calls got to loading
+
+
+def test_ablation_folder_is_sampled_with_its_sampling_defaults(tiny_ckpt, tmp_path, monkeypatch):
+    """A folder exported from an ablation run records ``sampling_defaults`` (``no_chain`` / ``zero_layout``): the
+    CLI samples every batch with them and stores them in the settings, with no flag given."""
+    import shutil
+    import types
+
+    folder = tmp_path / "ablation"
+    shutil.copytree(tiny_ckpt, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, sampling_defaults={"no_chain": True, "zero_layout": True})))
+    calls = []
+
+    def fake_pipe(prompts, **kw):
+        calls.append(kw)
+        return types.SimpleNamespace(images=[Image.new("RGB", (32, 32), "white")] * len(prompts),
+                                     got_texts=["<|im_gen_start|>"] * len(prompts))
+
+    monkeypatch.setattr(ev, "load_pipeline", lambda ckpt, dtype: fake_pipe)
+    res = ev.main(["--ckpt", str(folder), "--out", str(tmp_path / "o"), "--prompts_per_task", "1",
+                   "--images_per_prompt", "1", "--size", "32", "--batch_size", "6"])
+    assert len(calls) == 1 and calls[0]["no_chain"] is True and calls[0]["zero_layout"] is True
+    assert res["settings"]["no_chain"] is True and res["settings"]["no_layout"] is True
+    assert res["overall"]["plan"] == 0.0  # no chain, no plan
+    res = ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "p"), "--prompts_per_task", "1",
+                   "--images_per_prompt", "1", "--size", "32", "--batch_size", "6"])
+    assert calls[-1]["no_chain"] is False and calls[-1]["zero_layout"] is False

@@ -1,7 +1,9 @@
 r"""Shapes-GenEval: GenEval's six tasks on the synthetic shapes world, for a GoT checkpoint.
 
-    python -m got_jax.eval.shapes --ckpt DIR --out DIR [--prompts_per_task 12] [--images_per_prompt 4] \
+    python -m got_jax.eval.shapes --out DIR [--ckpt DIR] [--prompts_per_task 12] [--images_per_prompt 4] \
         [--size 64] [--steps 50] [--no_layout]
+
+Without ``--ckpt`` it evaluates the demo GoT shipped in the package (``got_jax/assets/demo``).
 
 Prompts (:func:`got_jax.data.shapes.eval_prompts`, GenEval's phrasing): position and colour attribution use
 the held-out combinations that training never sees; single object, two objects, counting and colours use
@@ -20,7 +22,9 @@ drawn faithfully fails both; a right plan drawn wrongly fails the image only. Po
 Writes ``DIR/results.json`` (settings, per-task and overall accuracies, every sample with its reasons),
 ``DIR/images/{task}_{prompt:03d}_{k}.png`` and ``DIR/failures.png`` (a contact sheet of the failed samples:
 image with the plan's boxes, prompt, reasons), and prints the table. ``--no_layout`` samples with zeroed
-layout latents (the paper's "no spatial guidance" ablation).
+layout latents (the paper's "no spatial guidance" ablation). A folder exported from an ablation run
+(``configs/demo_shapes.py``'s ``ablation.*``) records its ``sampling_defaults`` in config.json and is sampled
+with them (``zero_layout``: as ``--no_layout``; ``no_chain``: no chain is generated, so its plan accuracy is 0).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class Settings:
     batch_size: int = 8
     seed: int = 0
     no_layout: bool = False
+    no_chain: bool = False
     tasks: tuple[str, ...] = shapes.TASKS
 
 
@@ -155,7 +160,7 @@ def sample_jobs(pipe, jobs: list[dict], settings: Settings, log=print) -> list[t
                    guidance_scale=settings.guidance_scale, layout_guidance_scale=settings.layout_guidance_scale,
                    image_guidance_scale=settings.image_guidance_scale, scheduler=settings.scheduler,
                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                   zero_layout=settings.no_layout)
+                   zero_layout=settings.no_layout, no_chain=settings.no_chain)
         out.extend(zip(res.images[:len(batch)], res.got_texts[:len(batch)]))
         log(f"sampled {min(start + bs, len(jobs))}/{len(jobs)} images ({time.perf_counter() - t0:.1f} s this batch)")
     return out
@@ -262,7 +267,8 @@ def load_pipeline(ckpt: str, dtype: str = "float32"):
 def main(argv=None) -> dict:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="converted GoT folder (sample.py --ckpt)")
+    p.add_argument("--ckpt", default=None, help="converted GoT folder (sample.py --ckpt); default: the shipped "
+                   "demo GoT (got_jax/assets/demo)")
     p.add_argument("--out", required=True, help="output folder (results.json, failures.png, images/)")
     p.add_argument("--prompts_per_task", type=int, default=d.prompts_per_task)
     p.add_argument("--images_per_prompt", type=int, default=d.images_per_prompt)
@@ -280,6 +286,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no_layout", action="store_true", help="zero the layout latents at sampling (ablation)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a = p.parse_args(argv)
+    if a.ckpt is None:
+        from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
+
+        a.ckpt = DEMO_DIR
     tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip())
     settings = Settings(prompts_per_task=a.prompts_per_task, images_per_prompt=a.images_per_prompt, size=a.size,
                         steps=a.steps, guidance_scale=a.guidance_scale, layout_guidance_scale=a.layout_guidance_scale,
@@ -293,14 +303,16 @@ def main(argv=None) -> dict:
         held = len(shapes.held_out()[t])
         if t in tasks and a.prompts_per_task > held:
             p.error(f"--prompts_per_task {a.prompts_per_task}: only {held} {t} combinations are held out")
-    _check_size(p, a.ckpt, a.size)
+    defaults = _check_size(p, a.ckpt, a.size)
+    settings = dataclasses.replace(settings, no_layout=a.no_layout or bool(defaults.get("zero_layout")),
+                                   no_chain=bool(defaults.get("no_chain")))
     pipe = load_pipeline(a.ckpt, a.dtype)
     return run(pipe, a.out, settings, ckpt=a.ckpt)
 
 
-def _check_size(parser, ckpt: str, size: int) -> None:
+def _check_size(parser, ckpt: str, size: int) -> dict:
     """Before the model loads: the folder is a converted one and ``size`` is a multiple of its VAE factor x UNet
-    down-sampling."""
+    down-sampling. Returns the folder's ``sampling_defaults`` (an ablation export's)."""
     from got_jax.checkpoint.errors import CheckpointError  # noqa: PLC0415
     from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
 
@@ -314,6 +326,7 @@ def _check_size(parser, ckpt: str, size: int) -> None:
         parser.error(f"--ckpt {ckpt}: config.json has no vae / unet block_out_channels ({e})")
     if size <= 0 or size % f:
         parser.error(f"--size {size}: must be a positive multiple of {f} for {ckpt} (VAE factor x UNet down-sampling)")
+    return dict(cfg.get("sampling_defaults") or {})
 
 
 if __name__ == "__main__":
