@@ -16,7 +16,12 @@ atomically; one record per item goes to ``records.jsonl``; a rerun skips complet
 again) and refuses other settings in the same folder. A bad row is recorded as failed and skipped. The batch is split
 over the mesh's data axes; with several processes (``--distributed``) each samples its own share of the rows.
 
-Without weights, ``--demo`` runs a tiny random-weight GoT end to end (chains and images are noise).
+Without ``--ckpt`` it samples the demo GoT shipped in the package (``got_jax/assets/demo``: a small GoT trained by
+``train.py --config configs/demo_shapes.py`` on the synthetic shapes world; defaults ``configs/sample_demo.py``):
+
+    python sample.py --prompt "two red circles to the left of a blue square" --outdir out
+
+``--random_weights`` (tests, smoke runs) samples a tiny random-weight GoT instead: its chains and images are noise.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ if str(ROOT) not in sys.path:
 from got_jax.cli import absl_main  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "sample.py"), "Sampling config file.")
-_CKPT = flags.DEFINE_string("ckpt", None, "Converted GoT folder (convert/got_checkpoint.py output).")
-_DEMO = flags.DEFINE_bool("demo", False, "Use a tiny random-weight GoT (no weights needed; output is noise).")
+_CKPT = flags.DEFINE_string("ckpt", None, "Converted GoT folder (convert/got_checkpoint.py output); without it, the "
+                            "demo GoT shipped in the package (got_jax/assets/demo).")
+_RANDOM = flags.DEFINE_bool("random_weights", False, "Tests / smoke runs: a tiny random-weight GoT instead of the "
+                            "shipped demo (its chains and images are noise).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption (T2I) or instruction (with --image); repeatable.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Prompts: *.jsonl (one JSON object per line: prompt, "
                                     "image, got_text, seed, id) or plain text (one prompt per line; output NNNNN is "
@@ -88,7 +95,7 @@ def _check_config(cfg, paint: bool) -> None:
 
 def _config():
     cfg = _CONFIG.value
-    if _DEMO.value and not flags.FLAGS["config"].present:
+    if not _CKPT.value and not flags.FLAGS["config"].present:  # the shipped demo or random weights
         from configs import sample_demo  # noqa: PLC0415
 
         cfg = sample_demo.get_config()
@@ -140,8 +147,14 @@ def _items(cfg):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _DEMO.value == bool(_CKPT.value):
-        raise app.UsageError("give exactly one of --ckpt DIR (converted GoT weights) or --demo")
+    if _RANDOM.value and _CKPT.value:
+        raise app.UsageError("give at most one of --ckpt DIR (converted GoT weights) or --random_weights")
+    if not _CKPT.value and not _RANDOM.value:
+        from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
+
+        if not os.path.isfile(os.path.join(DEMO_DIR, "config.json")):
+            raise app.UsageError(f"no --ckpt and no demo GoT weights in {DEMO_DIR} (config.json missing): pass "
+                                 "--ckpt DIR (converted weights), or train and export the demo (configs/demo_shapes.py)")
     import jax  # noqa: PLC0415
 
     if _DISTRIBUTED.value or _COORD.value:
@@ -161,9 +174,14 @@ def main(argv):
     from got_jax.sampling import runner  # noqa: PLC0415
 
     pi, pc = jax.process_index(), jax.process_count()
-    checkpoint = "demo (random weights)" if _DEMO.value else os.path.abspath(_CKPT.value)
+    if _RANDOM.value:
+        checkpoint = "random weights (tiny GoT)"
+    elif _CKPT.value:
+        checkpoint = os.path.abspath(_CKPT.value)
+    else:
+        checkpoint = "demo (got_jax/assets/demo)"
     param_dtype = None
-    if not _DEMO.value:
+    if _CKPT.value:
         from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
 
         param_dtype = read_config(_CKPT.value).get("param_dtype") or "float32"  # a wrong --ckpt fails here
@@ -194,12 +212,23 @@ def main(argv):
     data_size = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     dtype = jnp.dtype(cfg.dtype)
     attention = cfg.get("attention", "auto")  # configs/sample.py: auto | xla | cudnn | pallas
-    if _DEMO.value:
+    if _RANDOM.value:
         from got_jax.got.demo import demo_pipeline  # noqa: PLC0415
 
-        print("demo: tiny random-weight GoT (no trained weights yet); chains and images are noise")
+        print("random weights: a tiny random-weight GoT; its chains and images are noise")
         pipe = demo_pipeline(options=ModelOptions(dtype=dtype, attention_impl=attention), mesh=mesh, rules=rules)
         pipe.max_boxes = cfg.max_boxes
+    elif not _CKPT.value:
+        from got_jax.got.demo import load_demo  # noqa: PLC0415
+
+        pipe, demo_kw = load_demo(mesh=mesh, rules=rules, options=ModelOptions(dtype=dtype, attention_impl=attention),
+                                  max_boxes=cfg.max_boxes)
+        if not _ONLY_GOT.value:  # the ablation flags a demo folder records (none for the shipped demo)
+            kw.update({k: v for k, v in demo_kw.items() if k not in ("height", "width")})
+        else:
+            kw.update({k: v for k, v in demo_kw.items() if k == "no_chain"})
+        print("demo: the small GoT trained on the synthetic shapes world (got_jax/assets/demo; see its README.md); "
+              "it knows circles, squares and triangles in 6 colours, not the open world")
     else:
         from got_jax.got.pipeline import GoTPipeline  # noqa: PLC0415
 

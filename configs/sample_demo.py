@@ -1,4 +1,7 @@
-"""Defaults of ``python sample.py --demo``: the tiny random-weight GoT (got_jax/got/demo.py) on CPU."""
+"""Defaults of ``python sample.py`` without ``--ckpt``: the shipped demo GoT (``got_jax/assets/demo``, trained at 64 px
+by ``configs/demo_shapes.py``) on CPU, with the settings its shapes-GenEval figures were measured with
+(``python -m got_jax.eval.shapes`` defaults: DDPM 50 steps, g 7.5, c 4.0, greedy chains, float32). Also the defaults
+of ``--random_weights`` (the tiny random-weight GoT of the tests)."""
 
 try:
     from configs import sample  # installed (pip install -e .) or run from the repository root
@@ -14,9 +17,11 @@ except ImportError:  # loaded by path (--config=/path/to/configs/sample_demo.py)
 
 def get_config():
     c = sample.get_config()
-    c.height = 128
-    c.width = 128
-    c.num_inference_steps = 20
-    c.max_new_tokens = 48
+    c.height = 64
+    c.width = 64
+    c.num_inference_steps = 50
+    c.max_new_tokens = 256  # the longest shapes chain (an editing plan) is ~200 tokens
+    c.max_boxes = 4  # the demo was trained with at most 4 boxes
+    c.batch_size = 8
     c.dtype = "float32"
     return c

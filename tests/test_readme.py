@@ -38,6 +38,7 @@ SIZE = 64  # image side for the stand-ins (a multiple of 32)
 SAMPLE_SIZES = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "max_new_tokens": 12}
 EVAL_SIZES = {"prompts_per_task": 1, "images_per_prompt": 1, "steps": 2, "max_new_tokens": 8, "batch_size": 2,
               "size": 32}
+DEMO_PATHS = ("/runs/demo_", "/data/shapes64")  # the shipped demo's reproduction commands
 SHAPES_CKPT = "shapes-got"  # /ckpt/shapes-got of the README's eval command: a tiny random-weight converted folder
 REAL_SOURCES = {  # the real GoT annotation folders of the README -> (builder config, rows in their field names)
     "LAHR-GoT": "laion_aesthetics_got", "JourneyDB-GoT": "journeydb_got", "FLUX-GoT": "flux_got",
@@ -76,7 +77,9 @@ def readme_commands() -> list[str]:
 def group_of(cmd: str) -> str:
     if "train.py" in cmd and ("gcloud " in cmd or "--coordinator_address" in cmd):
         return "pod"  # launch lines for pods / several processes: checked, not run
-    for key, group in (("train.py", "train"),
+    if any(p in cmd for p in DEMO_PATHS):
+        return "demo"  # how the shipped demo was made (45 min): checked, not run (tests/test_demo_stages.py runs it small)
+    for key, group in (("train.py", "train"), ("got_jax.eval.sheet", "sheet"),
                        ("got_jax.train.export", "export"), ("got_jax.convert", "convert"), ("sample.py", "sample"),
                        ("got_jax.data", "data"), ("got_jax.eval", "eval")):
         if key in cmd:
@@ -104,7 +107,7 @@ def test_readme_parsing_covers_every_block():
 
 def substitute(cmd: str, work: Path) -> str:
     """Paths and sizes only (see the module docstring)."""
-    if group_of(cmd) == "pod":  # checked, not run (test_pod_commands_name_real_flags_and_fields)
+    if group_of(cmd) in ("pod", "demo"):  # checked, not run (test_pod_commands_..., test_demo_commands_...)
         return ":"
     cmd = cmd.replace("/ckpt/", f"{work}/ckpt/").replace("/data/", f"{work}/data/").replace("/runs/", f"{work}/runs/")
     for script in ("train.py", "configs/"):  # repository paths, as run from the repository root
@@ -119,6 +122,8 @@ def substitute(cmd: str, work: Path) -> str:
                 cmd += f" --config.{field}={value}"
     if "train.py" in cmd or "got_jax.train" in cmd:  # the 6 shapes rows: 4 to train on, 2 held out
         cmd += "".join(f" --config.{k}={v}" for k, v in TRAIN_SIZES.items())
+    if "got_jax.eval.sheet" in cmd:  # one prompt per task, few steps / tokens
+        return re.sub(r" --(per_task|steps|max_new_tokens) \S+", "", cmd) + " --per_task 1 --steps 2 --max_new_tokens 12"
     if "got_jax.eval" in cmd:  # one prompt per task, one image, few steps / tokens
         for flag, value in EVAL_SIZES.items():
             cmd = re.sub(rf" --{flag} \S+", "", cmd) + f" --{flag} {value}"
@@ -194,7 +199,7 @@ def _uses(st: "Step", path: str) -> bool:
     return any(re.search(rf"(^|[=:]){re.escape(path)}(/|$)", w) for w in words)  # also --x=PATH, file:PATH
 
 
-ORDER = ("convert", "data", "train", "export", "sample", "eval", "python_api", "python_data", "pod")  # dependencies first
+ORDER = ("convert", "data", "train", "export", "sample", "eval", "sheet", "python_api", "python_data", "pod", "demo")  # dependencies first
 
 
 def plan_steps(work: Path, run_dir: Path) -> list[Step]:
@@ -380,8 +385,8 @@ def test_convert_commands(work):
 
 
 def test_sample_commands(work):
-    """sample.py as the README runs it: demo, T2I, editing, interactive (chains only, then the file), a
-    prompts file on a mesh with another scheduler."""
+    """sample.py as the README runs it: the main command (the shipped demo GoT, no --ckpt), T2I, editing,
+    interactive (chains only, then the file), a prompts file on a mesh with another scheduler."""
     run_dir = work["run"]
     steps = steps_of(work, "sample")
     assert len(steps) >= 8
@@ -413,6 +418,9 @@ def test_sample_commands(work):
             assert (outdir / "00000_got.txt").read_text().startswith(plan)
         if "--ckpt" in st.readme and "float32" not in st.readme:
             assert "--config.dtype=float32 reproduces the released PyTorch numbers" in st.stdout
+        if "--ckpt" not in st.readme:  # the main command: the shipped demo GoT; chain, image and plan picture
+            assert "demo: the small GoT trained on the synthetic shapes world" in st.stdout, st.stdout[-2000:]
+            assert (outdir / "00000_layout.png").is_file() and "random" not in st.stdout
 
 
 def test_eval_commands(work):
@@ -431,6 +439,13 @@ def test_eval_commands(work):
         assert (out / "failures.png").is_file() and all((out / s["image"]).is_file() for s in res["samples"])
         assert "overall" in st.stdout and all(t in st.stdout for t in TASKS)
         assert ("--no_layout" in st.readme) == res["settings"]["no_layout"]
+
+
+def test_sheet_commands(work):
+    """python -m got_jax.eval.sheet as the README runs it (the shipped demo, few steps): the picture is written."""
+    for st in steps_of(work, "sheet"):
+        out = st.cwd / re.search(r"--out (\S+)", st.readme).group(1)
+        assert Image.open(out).size[0] > 200 and "wrote" in st.stdout, st.stdout[-2000:]
 
 
 def test_python_api_snippet(work):
@@ -485,13 +500,40 @@ def test_pod_commands_name_real_flags_and_fields():
     """The README's pod / multi-process launch lines cannot run here (tests/test_train_run.py runs two processes
     on localhost): every flag they pass is a flag of train.py, the config file exists, every ``--config.*``
     override names a field of that config (after its stage preset) and the stage is one of its stages."""
+    cmds = [c for c in readme_commands() if group_of(c) == "pod"]
+    assert len(cmds) >= 3
+    _check_train_commands(cmds)
+
+
+def test_demo_commands_name_real_flags_and_fields():
+    """The shipped demo's reproduction (45 min of CPU) is not run here; tests/test_demo_stages.py runs both
+    stages and the export small. Its train.py lines pass real flags and config fields; its module commands
+    name modules that exist and flags they define; it makes the data, both stages, the export and the eval."""
+    import importlib.util
+
+    cmds = [c for c in readme_commands() if group_of(c) == "demo"]
+    train = [c for c in cmds if "train.py" in c]
+    assert [re.search(r"--config\.stage=(\w+)", c).group(1) for c in train] == ["vae", "got"], train
+    _check_train_commands(train)
+    modules = [re.search(r"python -m (\S+)", c).group(1) for c in cmds if "train.py" not in c]
+    assert modules == ["got_jax.data.shapes", "got_jax.train.export", "got_jax.eval.shapes"], modules
+    for cmd in cmds:
+        if "train.py" in cmd:
+            continue
+        mod = re.search(r"python -m (\S+)", cmd).group(1)
+        src = Path(importlib.util.find_spec(mod).origin).read_text()
+        for flag in re.findall(r"(?:^|\s)--([\w.-]+)", cmd):
+            if flag.startswith("config."):
+                continue
+            assert f'"--{flag}"' in src or f'"{flag}"' in src, (cmd, flag)
+
+
+def _check_train_commands(cmds):
     import importlib.util
 
     from got_jax.train import setup
 
     defined = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", (ROOT / "train.py").read_text()))
-    cmds = [c for c in readme_commands() if group_of(c) == "pod"]
-    assert len(cmds) >= 3
     for cmd in cmds:
         args = _train_argv(cmd)
         kv = dict(a[2:].split("=", 1) if "=" in a else (a[2:], args[args.index(a) + 1]) for a in args if a.startswith("--"))
@@ -538,4 +580,8 @@ def test_installed_package_runs_from_anywhere(tmp_path):
     for cmd in checks:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=e)
         assert r.returncode == 0, (cmd, r.stderr[-3000:])
-    assert r.stdout.split() == ["0", "128"]
+    assert r.stdout.split() == ["0", "64"]
+    # the shipped demo GoT comes with the package, every file of it (Orbax's nested ocdbt folders too)
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "__pycache__" not in str(p))  # noqa: E731
+    demo = ROOT / "got_jax" / "assets" / "demo"
+    assert files(target / "got_jax" / "assets" / "demo") == files(demo) and (demo / "params").is_dir()

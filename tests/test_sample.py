@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_sample_demo_writes_images_chains_and_layouts(tmp_path):
     plan = "<|object_ref_start|>a cat<|object_ref_end|><|box_start|>(100,200),(700,900)<|box_end|> (orange)"
-    cmd = [sys.executable, str(ROOT / "sample.py"), "--demo", "--prompt", "a red circle", "--prompt", "a cat",
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--random_weights", "--prompt", "a red circle", "--prompt", "a cat",
            "--got_text", "nothing", "--got_text", plan, "--outdir", str(tmp_path), "--config.height=64",
            "--config.width=64", "--config.num_inference_steps=2", "--config.max_new_tokens=4"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -58,13 +58,13 @@ def _sample(args, cwd, timeout=300):
 
 def test_unknown_scheduler_fails_before_any_model_work(tmp_path):
     """Checked before the demo model is built or any chain is generated (it used to fail after reasoning)."""
-    r = _sample(["--demo", "--prompt", "a cat", "--outdir", str(tmp_path / "o"), "--config.scheduler=ddpmm"], tmp_path)
+    r = _sample(["--random_weights", "--prompt", "a cat", "--outdir", str(tmp_path / "o"), "--config.scheduler=ddpmm"], tmp_path)
     assert r.returncode != 0 and "--config.scheduler='ddpmm': unknown scheduler 'ddpmm'" in r.stderr, r.stderr[-2000:]
     assert "random-weight" not in r.stdout and not (tmp_path / "o").exists()
 
 
 def test_bad_size_fails_before_any_model_work(tmp_path):
-    r = _sample(["--demo", "--prompt", "a cat", "--outdir", str(tmp_path / "o"), "--config.height=100"], tmp_path)
+    r = _sample(["--random_weights", "--prompt", "a cat", "--outdir", str(tmp_path / "o"), "--config.height=100"], tmp_path)
     assert r.returncode != 0 and "--config.height=100: must be a positive multiple of 32" in r.stderr
     assert "random-weight" not in r.stdout
 
@@ -91,9 +91,9 @@ def test_setup_errors_are_one_line_with_the_usage_status(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n')
     cases = [
         (["--ckpt", "no-ckpt", "--prompt", "a cat"], "no-ckpt: not a converted got-jax folder"),
-        (["--demo", "--prompt", " "], "--prompt 1: empty prompt"),
-        (["--demo", "--prompt", "a cat", "--outdir", "file/out"], "--outdir file/out: cannot write there"),
-        (["--demo", "--prompts_file", "p.jsonl", "--image", "x.png"], "in a JSONL prompts file give each row"),
+        (["--random_weights", "--prompt", " "], "--prompt 1: empty prompt"),
+        (["--random_weights", "--prompt", "a cat", "--outdir", "file/out"], "--outdir file/out: cannot write there"),
+        (["--random_weights", "--prompts_file", "p.jsonl", "--image", "x.png"], "in a JSONL prompts file give each row"),
     ]
     for args, msg in cases:
         r = _sample(args, tmp_path)
