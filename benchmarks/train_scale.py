@@ -1,7 +1,7 @@
 r"""AOT compile of the full ``got_6b`` train step on simulated pods: per-device memory, FLOPs, implied step time.
 
     python benchmarks/train_scale.py --devices 16,64                 # the full recipe (hours of CPU compile)
-    python benchmarks/train_scale.py --devices 16 --reasoner_layers 4 --unet_scale 1   # a cut for small hosts
+    python benchmarks/train_scale.py --devices 16 --reasoner_layers 2        # a cut for small hosts
 
 Builds the ``configs/got_6b.py`` state abstractly (``nnx.eval_shape``: no weights), lowers the jitted train step
 (``jit(step, in/out_shardings from the logical-axis rules, donate state).lower(...).compile()``) for a global
@@ -12,6 +12,8 @@ v5e (197 TFLOP/s) and a v5p (459 TFLOP/s) chip, with the MFU a measured step tim
 (``--step_time_s``). ``--reasoner_layers`` cuts the reasoner's decoder depth (36) to fit small hosts: memory and
 FLOPs of the missing layers are then extrapolated linearly from two depths (say so when reporting).
 XLA:CPU's memory numbers are for the CPU compile of the same SPMD program; a TPU compile fuses differently.
+Progress (build, lower, compile per device count, with their wall times) goes to stderr as it happens: the
+compile of one device count takes tens of CPU-minutes, single-threaded.
 """
 
 from __future__ import annotations
@@ -38,8 +40,13 @@ def parse():
     return p.parse_args()
 
 
+def _phase(msg: str, t0: float) -> None:
+    print(f"[train_scale {time.time() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def main():
     a = parse()
+    start = time.time()
     counts = [int(x) for x in a.devices.split(",")]
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(counts)}"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,6 +64,7 @@ def main():
     from got_jax.train.step import TrainState, TrainStep, make_tx, prepare_batch
     from got_jax.train.trainable import trainable_filter
 
+    _phase("building the abstract got_6b train state", start)
     c = setup.resolve(got_6b.get_config())
     c.model.remat = a.remat
     got_cfg = setup.got_config(c)
@@ -102,12 +110,15 @@ def main():
             lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
             abstract, step.state_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+        _phase(f"{n} devices: lowering the train step (global batch {a.batch})", start)
         t0 = time.time()
         with sharding.use_mesh(mesh, rules):
             lowered = fn.lower(state_in, prepared, key, None)
         t1 = time.time()
+        _phase(f"{n} devices: lowered in {t1 - t0:.0f} s; compiling (XLA:CPU, the long part)", start)
         compiled = lowered.compile()
         t2 = time.time()
+        _phase(f"{n} devices: compiled in {t2 - t1:.0f} s", start)
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
