@@ -22,6 +22,5 @@ def get_config():
     c.num_inference_steps = 50
     c.max_new_tokens = 256  # the longest shapes chain (an editing plan) is ~200 tokens
     c.max_boxes = 4  # the demo was trained with at most 4 boxes
-    c.batch_size = 8
     c.dtype = "float32"
     return c
