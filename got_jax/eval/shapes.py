@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from got_jax.data import shapes
 from got_jax.eval import detect, geneval
 from got_jax.got.layout import draw_overlay
 from got_jax.got.text import parse_got
+from got_jax.sampling.runner import atomic_write
 
 _SHAPE_WORD = re.compile(r"\b(" + "|".join(shapes.SHAPES) + r")s?\b")
 _COLOR_WORD = re.compile(r"\b(" + "|".join(shapes.COLORS) + r")\b")
@@ -209,21 +209,6 @@ def contact_sheet(samples: Sequence[dict], images: Sequence[Image.Image], *, col
     return sheet
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(pipe, out: str | os.PathLike, settings: Settings, *, ckpt: str | None = None, log=print) -> dict:
     """Samples, scores and writes everything under ``out``; returns the results dict (as in results.json)."""
     unknown = [t for t in settings.tasks if t not in shapes.TASKS]
@@ -241,12 +226,12 @@ def run(pipe, out: str | os.PathLike, settings: Settings, *, ckpt: str | None = 
     images = [im for im, _ in sampled]
     for s, im in zip(samples, images):
         s["image"] = f"images/{s['task']}_{s['index']:03d}_{s['k']}.png"
-        _atomic_write(out / s["image"], lambda p, im=im: im.save(p, format="PNG"))
+        atomic_write(out / s["image"], lambda p, im=im: im.save(p, format="PNG"))
     summary = summarize(samples, settings.tasks)
     results = {"ckpt": ckpt, "settings": {**dataclasses.asdict(settings), "tasks": list(settings.tasks)},
                "sampling_seconds": seconds, **summary, "samples": samples}
-    _atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1) + "\n"))
-    _atomic_write(out / "failures.png", lambda p: contact_sheet(samples, images).save(p, format="PNG"))
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1) + "\n"))
+    atomic_write(out / "failures.png", lambda p: contact_sheet(samples, images).save(p, format="PNG"))
     log(format_table(summary))
     log(f"wrote {out}/results.json, {out}/failures.png and {len(samples)} images")
     return results
@@ -303,14 +288,14 @@ def main(argv=None) -> dict:
         held = len(shapes.held_out()[t])
         if t in tasks and a.prompts_per_task > held:
             p.error(f"--prompts_per_task {a.prompts_per_task}: only {held} {t} combinations are held out")
-    defaults = _check_size(p, a.ckpt, a.size)
+    defaults = _check_folder(p, a.ckpt, a.size)
     settings = dataclasses.replace(settings, no_layout=a.no_layout or bool(defaults.get("zero_layout")),
                                    no_chain=bool(defaults.get("no_chain")))
     pipe = load_pipeline(a.ckpt, a.dtype)
     return run(pipe, a.out, settings, ckpt=a.ckpt)
 
 
-def _check_size(parser, ckpt: str, size: int) -> dict:
+def _check_folder(parser, ckpt: str, size: int) -> dict:
     """Before the model loads: the folder is a converted one and ``size`` is a multiple of its VAE factor x UNet
     down-sampling. Returns the folder's ``sampling_defaults`` (an ablation export's)."""
     from got_jax.checkpoint.errors import CheckpointError  # noqa: PLC0415

@@ -12,8 +12,6 @@ prompt and the plan's objects (``phrase (colour) box``). Without ``--ckpt``: the
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from PIL import Image, ImageDraw
 from got_jax.data import shapes
 from got_jax.got.layout import draw_overlay
 from got_jax.got.text import parse_got
+from got_jax.sampling.runner import atomic_write
 
 EDIT_SEED = 7_777  # editing scenes for the picture: not the training data's seed (0) nor its rng streams' use
 ZOOM = 3
@@ -102,28 +101,16 @@ def main(argv=None) -> Path:
     if a.per_task < 1:
         p.error(f"--per_task {a.per_task}: must be >= 1")
     out = Path(a.out)
-    if not out.parent.is_dir() and str(out.parent) not in ("", "."):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     from got_jax.eval import shapes as ev  # noqa: PLC0415
     from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
 
     ckpt = a.ckpt or DEMO_DIR
-    ev._check_size(p, ckpt, a.size)
+    ev._check_folder(p, ckpt, a.size)
     pipe = ev.load_pipeline(ckpt)
     sheet = make_sheet(pipe, per_task=a.per_task, size=a.size, steps=a.steps, seed=a.seed,
                        max_new_tokens=a.max_new_tokens)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        sheet.save(tmp, format="PNG")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"wrote {out} ({sheet.width}x{sheet.height})")
     return out
 

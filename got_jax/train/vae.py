@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from got_jax.got.layout import to_model_range
+
 VAE_CONFIG = "vae_config.json"
 # keys that may differ between the VAE stage's config and the GoT's (everything else is architecture)
 NON_ARCH_KEYS = ("scaling_factor", "sample_size", "_class_name", "_diffusers_version", "force_upcast",
@@ -109,8 +111,7 @@ def prepare_images(batch, grad_accum: int = 1, layout_canvases: bool = False) ->
         if "layout_canvases" not in batch:
             raise KeyError(f"VAE stage with vae.layout_canvases: batch has no 'layout_canvases' (keys {sorted(batch)})")
         c = np.asarray(batch["layout_canvases"])[:, 0]
-        c = c.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0) if c.dtype == np.uint8 else c
-        x = np.concatenate([x, c.astype(np.float32)])
+        x = np.concatenate([x, to_model_range(c) if c.dtype == np.uint8 else c.astype(np.float32)])
     if x.shape[0] % grad_accum:
         raise ValueError(f"VAE stage: {x.shape[0]} images are not divisible by grad_accum={grad_accum}")
     return {"inputs": {}, "images": {"image": x.reshape((grad_accum, -1) + x.shape[1:])}}
