@@ -192,6 +192,32 @@ def test_plan_scoring_on_correct_and_wrong_plans():
 # ------------------------------------------------------------------------------------ sampling
 
 
+def test_follows_plan_checks_colour_and_place():
+    plan = "<|object_ref_start|>a red circle<|object_ref_end|><|box_start|>(0,0),(500,500)<|box_end|> (red)"
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[4:28, 4:28] = (255, 0, 0)
+    assert ev.follows_plan(Image.fromarray(img), plan)
+    assert ev.follows_plan(img, plan)  # an array works too
+    assert not ev.follows_plan(Image.fromarray(img), plan.replace("(red)", "(blue)"))  # wrong colour
+    assert not ev.follows_plan(Image.fromarray(img[::-1, ::-1].copy()), plan)  # painted elsewhere
+    assert not ev.follows_plan(Image.fromarray(img), "a red circle")  # no box
+    small = np.full((64, 64, 3), 255, np.uint8)
+    small[4:8, 4:8] = (255, 0, 0)  # red, but 16 of the box's 1,024 pixels: under the 20% it needs
+    assert not ev.follows_plan(small, plan)
+
+
+def test_summary_reports_follows_per_task_and_none_without_a_plan():
+    rows = [{"task": "colors", "index": 0, "correct": True, "plan_correct": True, "follows": True},
+            {"task": "colors", "index": 1, "correct": False, "plan_correct": True, "follows": False},
+            {"task": "position", "index": 0, "correct": False, "plan_correct": False, "follows": True}]
+    s = ev.summarize(rows, ("colors", "position"))
+    assert s["tasks"]["colors"]["follows"] == 0.5 and s["tasks"]["position"]["follows"] == 1.0
+    assert s["overall"]["follows"] == 0.75  # GenEval's way: the mean of the task means
+    assert ev.format_table(s).splitlines()[-1].split()[-1] == "0.750"
+    s = ev.summarize([dict(r, follows=None) for r in rows], ("colors", "position"))
+    assert s["overall"]["follows"] is None and s["tasks"]["colors"]["follows"] is None
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A converted GoT folder (config, params, tokenizer) of the tiny random-weight demo GoT."""
@@ -294,6 +320,8 @@ def test_ablation_folder_is_sampled_with_its_sampling_defaults(tiny_ckpt, tmp_pa
     assert len(calls) == 1 and calls[0]["no_chain"] is True and calls[0]["zero_layout"] is True
     assert res["settings"]["no_chain"] is True and res["settings"]["no_layout"] is True
     assert res["overall"]["plan"] == 0.0  # no chain, no plan
+    assert res["overall"]["follows"] is None and all(s["follows"] is None for s in res["samples"])  # nothing to follow
+    assert "-" in ev.format_table(res).splitlines()[-1].split()[-1]
     res = ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "p"), "--prompts_per_task", "1",
                    "--images_per_prompt", "1", "--size", "32", "--batch_size", "6"])
     assert calls[-1]["no_chain"] is False and calls[-1]["zero_layout"] is False

@@ -17,7 +17,10 @@ Scoring (:mod:`got_jax.eval.geneval`): each image goes through the palette detec
 the same detections (class from the box phrase, colour from the box's colour). Both are scored by GenEval's
 rules against the prompt's metadata, so plan accuracy and image accuracy sit side by side: a wrong plan
 drawn faithfully fails both; a right plan drawn wrongly fails the image only. Position follows GenEval
-(shapes and relation; colours in a position prompt are not scored).
+(shapes and relation; colours in a position prompt are not scored). A third score, ``follows``, asks whether the
+image draws its own plan, whatever the prompt: the plan's first coloured box is painted in that colour
+(:func:`follows_plan`); it measures the spatial guidance even where the shape detector rejects the objects, and is
+not defined for a model that writes no chain (``no_chain``).
 
 Writes ``DIR/results.json`` (settings, per-task and overall accuracies, every sample with its reasons),
 ``DIR/images/{task}_{prompt:03d}_{k}.png`` and ``DIR/failures.png`` (a contact sheet of the failed samples:
@@ -44,7 +47,7 @@ from PIL import Image, ImageDraw
 
 from got_jax.data import shapes
 from got_jax.eval import detect, geneval
-from got_jax.got.layout import draw_overlay
+from got_jax.got.layout import draw_overlay, render_layout_canvases
 from got_jax.got.text import parse_got
 from got_jax.sampling.runner import atomic_write
 
@@ -108,8 +111,30 @@ def score_plan(got_text: str, metadata) -> tuple[bool, str]:
     return geneval.evaluate(geneval.by_class(plan_detections(got_text)), metadata)
 
 
+def follows_plan(image, got_text: str) -> bool:
+    """Whether ``image`` paints the plan's first coloured box in that box's colour: inside the box (as the layout
+    renderer paints it) at least 20% of the pixels take a palette colour (:func:`got_jax.eval.detect.segment`),
+    and the most frequent one is the box's. False when the plan has no box with a palette colour."""
+    boxes = [b for b in parse_got(got_text) if b.color]
+    if not boxes or boxes[0].color not in shapes.COLORS:
+        return False
+    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    inside = render_layout_canvases(boxes[:1], *a.shape[:2]).any(-1)[0]
+    seg = detect.segment(a)[inside]
+    coloured = seg[(seg >= 0) & (seg < len(shapes.COLORS))]
+    if coloured.size < 0.2 * max(seg.size, 1):
+        return False
+    return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == boxes[0].color
+
+
+def _mean_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def summarize(samples: Sequence[dict], tasks: Sequence[str]) -> dict:
-    """Per-task image / plan accuracy (mean over images) and GenEval's overall (mean over tasks)."""
+    """Per-task image / plan accuracy and plan-following rate (means over images) and their overall (GenEval's
+    mean over tasks). ``follows`` is None where no sample has one (a model without a chain)."""
     per = {}
     for t in tasks:
         rows = [s for s in samples if s["task"] == t]
@@ -117,17 +142,22 @@ def summarize(samples: Sequence[dict], tasks: Sequence[str]) -> dict:
             raise ValueError(f"no samples for task {t!r}")
         per[t] = {"prompts": len({s["index"] for s in rows}), "images": len(rows),
                   "image_accuracy": float(np.mean([s["correct"] for s in rows])),
-                  "plan_accuracy": float(np.mean([s["plan_correct"] for s in rows]))}
+                  "plan_accuracy": float(np.mean([s["plan_correct"] for s in rows])),
+                  "follows": _mean_or_none(s.get("follows") for s in rows)}
+    follows = [v["follows"] for v in per.values()]
     return {"tasks": per, "overall": {"image": geneval.overall({t: v["image_accuracy"] for t, v in per.items()}),
-                                      "plan": geneval.overall({t: v["plan_accuracy"] for t, v in per.items()})}}
+                                      "plan": geneval.overall({t: v["plan_accuracy"] for t, v in per.items()}),
+                                      "follows": None if None in follows else float(np.mean(follows))}}
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9}"]
+    f = lambda v: f"{'-':>9}" if v is None else f"{v:>9.3f}"  # noqa: E731
+    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9} {'follows':>9}"]
     for t, v in summary["tasks"].items():
-        lines.append(f"{t:<14} {v['prompts']:>7} {v['images']:>6} {v['image_accuracy']:>9.3f} {v['plan_accuracy']:>9.3f}")
+        lines.append(f"{t:<14} {v['prompts']:>7} {v['images']:>6} {v['image_accuracy']:>9.3f} {v['plan_accuracy']:>9.3f}"
+                     f" {f(v.get('follows'))}")
     o = summary["overall"]
-    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f}")
+    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f} {f(o.get('follows'))}")
     return "\n".join(lines)
 
 
@@ -166,14 +196,17 @@ def sample_jobs(pipe, jobs: list[dict], settings: Settings, log=print) -> list[t
     return out
 
 
-def evaluate_samples(jobs: list[dict], sampled: Sequence[tuple[Image.Image, str]]) -> list[dict]:
-    """Scores each sampled (image, GoT text) of ``jobs``: image and plan side by side."""
+def evaluate_samples(jobs: list[dict], sampled: Sequence[tuple[Image.Image, str]], *,
+                     no_chain: bool = False) -> list[dict]:
+    """Scores each sampled (image, GoT text) of ``jobs``: image and plan side by side, and whether the image
+    follows its plan (None with ``no_chain``: there is no plan)."""
     samples = []
     for job, (img, got) in zip(jobs, sampled, strict=True):
         ok, reason, dets = score_image(img, job["metadata"])
         plan_ok, plan_reason = score_plan(got, job["metadata"])
         samples.append({**job, "correct": bool(ok), "reason": reason, "plan_correct": bool(plan_ok),
                         "plan_reason": plan_reason, "got_text": got,
+                        "follows": None if no_chain else bool(follows_plan(img, got)),
                         "detections": [[d.cls, d.color, list(d.box)] for d in dets]})
     return samples
 
@@ -222,7 +255,7 @@ def run(pipe, out: str | os.PathLike, settings: Settings, *, ckpt: str | None = 
     t0 = time.perf_counter()
     sampled = sample_jobs(pipe, jobs, settings, log)
     seconds = time.perf_counter() - t0
-    samples = evaluate_samples(jobs, sampled)
+    samples = evaluate_samples(jobs, sampled, no_chain=settings.no_chain)
     images = [im for im, _ in sampled]
     for s, im in zip(samples, images):
         s["image"] = f"images/{s['task']}_{s['index']:03d}_{s['k']}.png"
