@@ -508,15 +508,26 @@ def test_pod_commands_name_real_flags_and_fields():
 def test_demo_commands_name_real_flags_and_fields():
     """The shipped demo's reproduction (45 min of CPU) is not run here; tests/test_demo_stages.py runs both
     stages and the export small. Its train.py lines pass real flags and config fields; its module commands
-    name modules that exist and flags they define; it makes the data, both stages, the export and the eval."""
+    name modules that exist and flags they define; it makes the data, both stages, the export and the eval, then
+    the two ablation GoT stages on the same VAE, each exported with its switch (the export records the
+    sampling defaults the eval reads) and evaluated."""
     import importlib.util
 
     cmds = [c for c in readme_commands() if group_of(c) == "demo"]
     train = [c for c in cmds if "train.py" in c]
-    assert [re.search(r"--config\.stage=(\w+)", c).group(1) for c in train] == ["vae", "got"], train
+    assert [re.search(r"--config\.stage=(\w+)", c).group(1) for c in train] == ["vae", "got", "got", "got"], train
+    assert ["ablation" in c for c in train] == [False, False, True, True], train
     _check_train_commands(train)
     modules = [re.search(r"python -m (\S+)", c).group(1) for c in cmds if "train.py" not in c]
-    assert modules == ["got_jax.data.shapes", "got_jax.train.export", "got_jax.eval.shapes"], modules
+    assert modules == ["got_jax.data.shapes"] + ["got_jax.train.export", "got_jax.eval.shapes"] * 3, modules
+    for ab in ("no_layout", "no_chain"):
+        switch = f"--config.ablation.{ab}=True"
+        (run,) = [c for c in train if switch in c]
+        (export,) = [c for c in cmds if "got_jax.train.export" in c and switch in c]
+        workdir = re.search(r"--workdir (\S+)", run).group(1)
+        assert f"--workdir {workdir} " in export + " ", (run, export)
+        out = re.search(r"--out (\S+)", export).group(1)
+        assert any("got_jax.eval.shapes" in c and f"--ckpt {out} " in c + " " for c in cmds), (export, cmds)
     for cmd in cmds:
         if "train.py" in cmd:
             continue
