@@ -153,3 +153,34 @@ def test_cli_output_builds_as_written(tmp_path, capsys):
     for name, config, n in (("got_generation", "shapes", 5), ("got_editing", "shapes_edit", 3)):
         build.main([name, "--config", config, "--manual_dir", str(tmp_path / "d"), "--data_dir", str(tmp_path / "t")])
         assert f"{n} examples" in capsys.readouterr().out
+
+
+def test_task_weights_set_the_share_of_each_task_and_default_to_geneval_in_turn(tmp_path, capsys):
+    assert shapes.task_cycle() == shapes.TASKS == shapes.task_cycle({t: 1 for t in shapes.TASKS})
+    assert [shapes.generation_example(3, i, 64)["task"] for i in range(12)] == list(shapes.TASKS) * 2
+    cycle = shapes.task_cycle({"position": 3})
+    assert len(cycle) == 8 and cycle.count("position") == 3 and set(cycle) == set(shapes.TASKS)
+    assert all(cycle[i] != cycle[i + 1] for i in range(len(cycle) - 1) if cycle[i] == "position")  # interleaved
+    assert "single_object" not in shapes.task_cycle({"single_object": 0})
+    exs = [shapes.generation_example(3, i, 64, {"position": 3}) for i in range(16)]
+    assert [e["task"] for e in exs] == list(cycle) * 2
+    for e in exs:  # weighted scenes keep the data's guarantees: no held-out combination, relations with margin
+        assert not shapes.leaks(e["objects"], 64)
+        if e["task"] == "position":
+            a, b = e["objects"][0], e["objects"][-1]
+            rel = next(r for r in ("left of", "right of", "above", "below") if r in e["caption"])
+            assert shapes.scene_relation_margin(a, b, rel, 64) >= shapes.RELATION_MARGIN
+    assert shapes.parse_task_weights("position=3, counting=2") == {"position": 3, "counting": 2}
+    assert shapes.parse_task_weights("") == {}
+    for bad, msg in (("spatial=2", "unknown task 'spatial'"), ("position=x", "TASK=INTEGER"),
+                     ("position", "TASK=INTEGER"), (",".join(f"{t}=0" for t in shapes.TASKS), "all 0")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            shapes.parse_task_weights(bad)
+    out = tmp_path / "w"
+    shapes.main(["--out", str(out), "--num-generation", "16", "--num-editing", "0", "--task-weights", "position=3"])
+    tasks = [json.loads(line)["task"] for line in (out / "annotations" / "generation.jsonl").read_text().splitlines()]
+    assert tasks.count("position") == 6 and len(tasks) == 16
+    with pytest.raises(SystemExit):
+        shapes.main(["--out", str(tmp_path / "bad"), "--task-weights", "spatial=2"])
+    assert "--task-weights: task weight for unknown task 'spatial'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written

@@ -6,7 +6,8 @@ all four sides, and its GoT box is the 0..1000 box that the layout renderer
 painted layout and the object's pixels coincide. Objects never overlap (one per grid cell).
 
 Captions cover GenEval's six task types (single object, two objects, counting, colours, position,
-colour attribution). Editing pairs (recolour, move, add, remove) carry a numbered editing plan.
+colour attribution), in turn, or with some weighted up (``--task-weights position=3``: :func:`task_cycle`).
+Editing pairs (recolour, move, add, remove) carry a numbered editing plan.
 
 Position captions ("two red circles to the left of a blue square", or GenEval's own template "a photo of a
 red circle left of a blue square") hold under GenEval's position rule
@@ -408,10 +409,48 @@ def got_text(caption: str, objects: list[ShapeObject], size: int) -> str:
     return format_got(boxes, prefix)
 
 
-def generation_example(seed: int, index: int, size: int) -> dict:
-    """One generation example: caption, GoT text, image (uint8 HWC), the ground-truth GoT boxes and objects."""
+def task_cycle(weights: dict[str, int] | None = None) -> tuple[str, ...]:
+    """The repeating order of generation tasks: each task ``weights[task]`` times (default 1) per cycle,
+    interleaved (smooth weighted round-robin; ties in :data:`TASKS` order). All weights 1 give :data:`TASKS`
+    itself, so the default data is unchanged. Weights are non-negative integers, at least one positive."""
+    w = {t: 1 for t in TASKS}
+    for t, v in (weights or {}).items():
+        if t not in TASKS:
+            raise ValueError(f"task weight for unknown task {t!r}; tasks are {TASKS}")
+        if int(v) != v or v < 0:
+            raise ValueError(f"task weight {t}={v}: must be a non-negative integer")
+        w[t] = int(v)
+    total = sum(w.values())
+    if total == 0:
+        raise ValueError("task weights are all 0: no generation task left")
+    credit, out = {t: 0 for t in TASKS}, []
+    for _ in range(total):
+        for t in TASKS:
+            credit[t] += w[t]
+        best = max(TASKS, key=lambda t: (credit[t], -TASKS.index(t)))
+        credit[best] -= total
+        out.append(best)
+    return tuple(out)
+
+
+def parse_task_weights(text: str) -> dict[str, int]:
+    """``"position=3,counting=2"`` -> ``{"position": 3, "counting": 2}`` (checked by :func:`task_cycle`)."""
+    out = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"task weight {part!r}: expected TASK=INTEGER, e.g. position=3")
+        out[name.strip()] = int(value)
+    task_cycle(out)
+    return out
+
+
+def generation_example(seed: int, index: int, size: int, task_weights: dict[str, int] | None = None) -> dict:
+    """One generation example: caption, GoT text, image (uint8 HWC), the ground-truth GoT boxes and objects.
+    The task is ``task_cycle(task_weights)[index % len(cycle)]`` (default: GenEval's six in turn)."""
     rng = np.random.default_rng([seed, 0, index])
-    task = TASKS[index % len(TASKS)]
+    cycle = task_cycle(task_weights)
+    task = cycle[index % len(cycle)]
     caption, objs = sample_scene(rng, task, size)
     return {
         "id": f"gen_{index:07d}", "task": task, "caption": caption, "got": got_text(caption, objs, size),
@@ -493,14 +532,17 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     Image.fromarray(img).save(path, format="PNG")
 
 
-def write_shapes(out: str | os.PathLike, *, size: int = 64, num_generation: int = 60, num_editing: int = 20, seed: int = 0) -> Path:
+def write_shapes(out: str | os.PathLike, *, size: int = 64, num_generation: int = 60, num_editing: int = 20, seed: int = 0,
+                 task_weights: dict[str, int] | None = None) -> Path:
     """Write ``annotations/generation.jsonl`` / ``annotations/editing.jsonl`` + ``images/*.png`` under ``out``
     (atomically per file): a ``--manual_dir`` for ``got_generation --config shapes`` and ``got_editing --config
-    shapes_edit`` as written."""
+    shapes_edit`` as written. ``task_weights`` sets the share of each generation task (:func:`task_cycle`)."""
+    task_cycle(task_weights)  # bad weights fail before anything is written
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / ANNOTATIONS).mkdir(parents=True, exist_ok=True)
-    for name, n, fn in (("generation", num_generation, generation_example), ("editing", num_editing, editing_example)):
+    gen = functools.partial(generation_example, task_weights=task_weights)
+    for name, n, fn in (("generation", num_generation, gen), ("editing", num_editing, editing_example)):
         lines = []
         for i in range(n):
             ex = fn(seed, i, size)
@@ -530,8 +572,15 @@ def main(argv=None) -> None:
     p.add_argument("--num-generation", type=int, default=60)
     p.add_argument("--num-editing", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task-weights", default="", help="share of each generation task per cycle, e.g. position=3 "
+                   f"(others 1; tasks: {','.join(TASKS)})")
     a = p.parse_args(argv)
-    path = write_shapes(a.out, size=a.size, num_generation=a.num_generation, num_editing=a.num_editing, seed=a.seed)
+    try:
+        weights = parse_task_weights(a.task_weights)
+    except ValueError as e:
+        p.error(f"--task-weights: {e}")
+    path = write_shapes(a.out, size=a.size, num_generation=a.num_generation, num_editing=a.num_editing, seed=a.seed,
+                        task_weights=weights)
     print(f"wrote {a.num_generation} generation and {a.num_editing} editing examples to {path}; build them with\n"
           f"  python -m got_jax.data.build got_generation --config shapes --manual_dir {path} --data_dir TFDS_DIR\n"
           f"  python -m got_jax.data.build got_editing --config shapes_edit --manual_dir {path} --data_dir TFDS_DIR")
