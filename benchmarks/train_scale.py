@@ -136,8 +136,17 @@ def main():
         with sharding.use_mesh(mesh, rules):
             lowered = fn.lower(state_in, prepared, key, None)
         t1 = time.time()
-        _phase(f"{n} devices: lowered in {t1 - t0:.0f} s; compiling (XLA:CPU, the long part)", start)
-        compiled = lowered.compile()
+        _phase(f"{n} devices: lowered in {t1 - t0:.0f} s; compiling ({'TPU compiler' if a.topology else 'XLA:CPU'}, "
+               "the long part)", start)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that does not fit the chip's HBM
+            first = str(e).splitlines()[0]
+            _phase(f"{n} devices: does not compile: {first}", start)
+            rows.append({"devices": n, "compiler": f"tpu {a.topology}" if a.topology else "xla:cpu",
+                         "reasoner_layers": a.reasoner_layers or rcfg.text.num_hidden_layers, "error": first})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         t2 = time.time()
         _phase(f"{n} devices: compiled in {t2 - t1:.0f} s", start)
         mem = compiled.memory_analysis()
@@ -160,6 +169,9 @@ def main():
     print("| devices | compiler | reasoner layers | args GiB | temp GiB | out GiB | TFLOP/device | v5e s @peak | v5p s @peak |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['devices']} | {r['compiler']} | {r['reasoner_layers']} | {r['error']} |")
+            continue
         print(f"| {r['devices']} | {r['compiler']} | {r['reasoner_layers']} | {r['argument_GiB']:.2f} | {r['temp_GiB']:.2f} | "
               f"{r['output_GiB']:.2f} | {r['flops_per_device'] / 1e12:.1f} | {r['v5e_s_at_peak']:.2f} | "
               f"{r['v5p_s_at_peak']:.2f} |")
