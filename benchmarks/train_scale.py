@@ -138,14 +138,15 @@ def main():
         t1 = time.time()
         _phase(f"{n} devices: lowered in {t1 - t0:.0f} s; compiling ({'TPU compiler' if a.topology else 'XLA:CPU'}, "
                "the long part)", start)
+        row = {"devices": n, "compiler": f"tpu {a.topology}" if a.topology else "xla:cpu",
+               "reasoner_layers": a.reasoner_layers or rcfg.text.num_hidden_layers}
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that does not fit the chip's HBM
-            first = str(e).splitlines()[0]
-            _phase(f"{n} devices: does not compile: {first}", start)
-            rows.append({"devices": n, "compiler": f"tpu {a.topology}" if a.topology else "xla:cpu",
-                         "reasoner_layers": a.reasoner_layers or rcfg.text.num_hidden_layers, "error": first})
-            print(json.dumps(rows[-1]), flush=True)
+            row["error"] = str(e).splitlines()[0]
+            _phase(f"{n} devices: does not compile: {row['error']}", start)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
             continue
         t2 = time.time()
         _phase(f"{n} devices: compiled in {t2 - t1:.0f} s", start)
@@ -153,10 +154,9 @@ def main():
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", 0.0))
-        row = {"devices": n, "compiler": f"tpu {a.topology}" if a.topology else "xla:cpu", "reasoner_layers": a.reasoner_layers or rcfg.text.num_hidden_layers, "remat": a.remat,
-               "batch": a.batch, "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
-               "argument_GiB": mem.argument_size_in_bytes / 2**30, "output_GiB": mem.output_size_in_bytes / 2**30,
-               "temp_GiB": mem.temp_size_in_bytes / 2**30, "flops_per_device": flops}
+        row.update({"remat": a.remat, "batch": a.batch, "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
+                    "argument_GiB": mem.argument_size_in_bytes / 2**30, "output_GiB": mem.output_size_in_bytes / 2**30,
+                    "temp_GiB": mem.temp_size_in_bytes / 2**30, "flops_per_device": flops})
         for chip, peak in PEAK.items():
             row[f"{chip}_s_at_peak"] = flops / peak
             if a.step_time_s:

@@ -144,10 +144,10 @@ def summarize(samples: Sequence[dict], tasks: Sequence[str]) -> dict:
                   "image_accuracy": float(np.mean([s["correct"] for s in rows])),
                   "plan_accuracy": float(np.mean([s["plan_correct"] for s in rows])),
                   "follows": _mean_or_none(s.get("follows") for s in rows)}
-    follows = [v["follows"] for v in per.values()]
+    follows = {t: v["follows"] for t, v in per.items()}
     return {"tasks": per, "overall": {"image": geneval.overall({t: v["image_accuracy"] for t, v in per.items()}),
                                       "plan": geneval.overall({t: v["plan_accuracy"] for t, v in per.items()}),
-                                      "follows": None if None in follows else float(np.mean(follows))}}
+                                      "follows": None if None in follows.values() else geneval.overall(follows)}}
 
 
 def format_table(summary: dict) -> str:
