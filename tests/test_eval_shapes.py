@@ -213,9 +213,57 @@ def test_summary_reports_follows_per_task_and_none_without_a_plan():
     s = ev.summarize(rows, ("colors", "position"))
     assert s["tasks"]["colors"]["follows"] == 0.5 and s["tasks"]["position"]["follows"] == 1.0
     assert s["overall"]["follows"] == 0.75  # GenEval's way: the mean of the task means
-    assert ev.format_table(s).splitlines()[-1].split()[-1] == "0.750"
+    assert ev.format_table(s).splitlines()[-1].split()[-2] == "0.750"
     s = ev.summarize([dict(r, follows=None) for r in rows], ("colors", "position"))
     assert s["overall"]["follows"] is None and s["tasks"]["colors"]["follows"] is None
+
+
+class _StubVAEModel:
+    """The two model methods :func:`ev.vae_round_trips` uses, with a VAE that is exact (``decode`` inverts
+    ``encode_mode``) unless ``decode`` is given another map of the [0, 1] image."""
+
+    def __init__(self, scaling_factor=0.25, post=None):
+        import types
+
+        self.config = types.SimpleNamespace(vae=types.SimpleNamespace(scaling_factor=scaling_factor))
+        self.post = post or (lambda img: img)
+
+    def encode_mode(self, images):
+        return images * 3.0  # unscaled latents: any invertible map
+
+    def decode(self, latents):
+        import jax.numpy as jnp
+
+        img = latents / self.config.vae.scaling_factor / 3.0  # the pipeline's decode divides by the scaling factor
+        return self.post(jnp.clip(img / 2 + 0.5, 0.0, 1.0))
+
+
+def test_vae_ceiling_scores_round_trips_of_the_ground_truth():
+    """An exact VAE passes every task (the ground-truth renders do); a VAE that rotates the colour channels
+    (red -> blue, the other palette colours off the palette) fails the colour tasks, and one that blurs the shapes (4x4 block means) fails where shapes must be recognised."""
+    import types
+
+    import jax.numpy as jnp
+
+    settings = ev.Settings(prompts_per_task=12, size=SIZE)
+    exact = ev.vae_round_trips(types.SimpleNamespace(model=_StubVAEModel()), settings, batch_size=5)
+    assert len(exact) == 72 and {r["task"] for r in exact} == set(shapes.TASKS)
+    s = ev.summarize([dict(r, plan_correct=True, follows=None) for r in exact], shapes.TASKS, exact)
+    assert s["overall"]["vae_ceiling"] == 1.0 and all(v["vae_ceiling"] == 1.0 for v in s["tasks"].values())
+    swapped = ev.vae_round_trips(types.SimpleNamespace(model=_StubVAEModel(post=lambda im: im[..., [1, 2, 0]])), settings)
+    acc = ev.summarize([dict(r, plan_correct=True) for r in swapped], shapes.TASKS, swapped)["tasks"]
+    assert acc["colors"]["vae_ceiling"] == 0.0 and acc["color_attr"]["vae_ceiling"] == 0.0, acc
+
+    def blur(im):
+        b, h, w, c = im.shape
+        m = im.reshape(b, h // 4, 4, w // 4, 4, c).mean((2, 4))
+        return jnp.repeat(jnp.repeat(m, 4, 1), 4, 2)
+
+    blurred = ev.vae_round_trips(types.SimpleNamespace(model=_StubVAEModel(post=blur)), settings)
+    acc = ev.summarize([dict(r, plan_correct=True) for r in blurred], shapes.TASKS, blurred)
+    assert acc["overall"]["vae_ceiling"] <= 0.5, acc
+    line = ev.format_table(s).splitlines()[-1].split()
+    assert line[-1] == "1.000" and line[-2] == "-"  # the VAE ceiling column after follows
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +328,10 @@ def test_cli_writes_table_json_and_contact_sheet(tiny_ckpt, tiny_pipe, tmp_path,
         assert s["prompt"] == shapes.eval_prompts(s["task"], 1, 32)[0]["prompt"]
         assert Image.open(out / s["image"]).size == (32, 32)
         assert s["correct"] == _image_ok(np.asarray(Image.open(out / s["image"])), s["metadata"])
+    trips = saved["vae_round_trips"]  # one ground-truth round trip per prompt, scored like the samples
+    assert [(r["task"], r["index"]) for r in trips] == [(t, 0) for t in shapes.TASKS]
+    for t in shapes.TASKS:
+        assert saved["tasks"][t]["vae_ceiling"] == float(next(r["correct"] for r in trips if r["task"] == t))
     sheet = Image.open(out / "failures.png")
     fails = sum(not (s["correct"] and s["plan_correct"]) for s in saved["samples"])
     assert fails > 0 and sheet.size[0] >= ev.TILE  # random weights: plans cannot satisfy the prompts
@@ -314,6 +366,8 @@ def test_ablation_folder_is_sampled_with_its_sampling_defaults(tiny_ckpt, tmp_pa
         return types.SimpleNamespace(images=[Image.new("RGB", (32, 32), "white")] * len(prompts),
                                      got_texts=["<|im_gen_start|>"] * len(prompts))
 
+    fake_pipe.model = _StubVAEModel()  # an exact VAE
+
     monkeypatch.setattr(ev, "load_pipeline", lambda ckpt, dtype: fake_pipe)
     res = ev.main(["--ckpt", str(folder), "--out", str(tmp_path / "o"), "--prompts_per_task", "1",
                    "--images_per_prompt", "1", "--size", "32", "--batch_size", "6"])
@@ -321,7 +375,8 @@ def test_ablation_folder_is_sampled_with_its_sampling_defaults(tiny_ckpt, tmp_pa
     assert res["settings"]["no_chain"] is True and res["settings"]["no_layout"] is True
     assert res["overall"]["plan"] == 0.0  # no chain, no plan
     assert res["overall"]["follows"] is None and all(s["follows"] is None for s in res["samples"])  # nothing to follow
-    assert "-" in ev.format_table(res).splitlines()[-1].split()[-1]
+    assert ev.format_table(res).splitlines()[-1].split()[-2] == "-"  # follows
+    assert res["overall"]["vae_ceiling"] == 1.0  # the exact VAE: every ground truth at 32 px passes
     res = ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "p"), "--prompts_per_task", "1",
                    "--images_per_prompt", "1", "--size", "32", "--batch_size", "6"])
     assert calls[-1]["no_chain"] is False and calls[-1]["zero_layout"] is False

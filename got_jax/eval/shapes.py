@@ -20,9 +20,13 @@ drawn faithfully fails both; a right plan drawn wrongly fails the image only. Po
 (shapes and relation; colours in a position prompt are not scored). A third score, ``follows``, asks whether the
 image draws its own plan, whatever the prompt: the plan's first coloured box is painted in that colour
 (:func:`follows_plan`); it measures the spatial guidance even where the shape detector rejects the objects, and is
-not defined for a model that writes no chain (``no_chain``).
+not defined for a model that writes no chain (``no_chain``). A fourth, the **VAE ceiling**, needs no sampling:
+each prompt's ground-truth scene rendered, passed through the checkpoint's VAE (encode, decode) and scored like
+an image (:func:`vae_round_trips`). No UNet can score above it, so it tells what the VAE loses from what the
+UNet and the plan lose.
 
-Writes ``DIR/results.json`` (settings, per-task and overall accuracies, every sample with its reasons),
+Writes ``DIR/results.json`` (settings, per-task and overall accuracies, every sample with its reasons, every
+VAE round trip),
 ``DIR/images/{task}_{prompt:03d}_{k}.png`` and ``DIR/failures.png`` (a contact sheet of the failed samples:
 image with the plan's boxes, prompt, reasons), and prints the table. ``--no_layout`` samples with zeroed
 layout latents (the paper's "no spatial guidance" ablation). A folder exported from an ablation run
@@ -127,14 +131,44 @@ def follows_plan(image, got_text: str) -> bool:
     return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == boxes[0].color
 
 
+def vae_round_trips(pipe, settings: Settings, batch_size: int = 8) -> list[dict]:
+    """The VAE's ceiling: every evaluation prompt's ground-truth scene (:func:`got_jax.data.shapes.eval_prompts`)
+    rendered, encoded and decoded by the checkpoint's VAE (``encode_mode`` then ``decode``, as the GoT stage
+    encodes its targets and the pipeline decodes its samples), and scored like a sampled image. A UNet that
+    reproduced the ground-truth latents exactly would score this; image accuracy above it is impossible, so it
+    separates what the VAE loses from what the UNet and the plan lose. One record per prompt:
+    ``{"task", "index", "correct", "reason"}``."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from got_jax.got.layout import to_model_range  # noqa: PLC0415
+
+    model = pipe.model
+    round_trip = jax.jit(lambda x: model.decode(model.encode_mode(x) * model.config.vae.scaling_factor))
+    prompts = [p for t in settings.tasks for p in shapes.eval_prompts(t, settings.prompts_per_task, settings.size)]
+    renders = np.stack([shapes.render(p["objects"], settings.size) for p in prompts])
+    out = []
+    for start in range(0, len(renders), batch_size):
+        chunk = renders[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        dec = np.asarray(round_trip(jnp.asarray(to_model_range(padded))))[:len(chunk)]
+        out.extend((dec * 255).astype(np.uint8))
+    records = []
+    for p, img in zip(prompts, out, strict=True):
+        ok, reason, _ = score_image(img, p["metadata"])
+        records.append({"task": p["task"], "index": p["index"], "correct": bool(ok), "reason": reason})
+    return records
+
+
 def _mean_or_none(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
 
-def summarize(samples: Sequence[dict], tasks: Sequence[str]) -> dict:
+def summarize(samples: Sequence[dict], tasks: Sequence[str], round_trips: Sequence[dict] | None = None) -> dict:
     """Per-task image / plan accuracy and plan-following rate (means over images) and their overall (GenEval's
-    mean over tasks). ``follows`` is None where no sample has one (a model without a chain)."""
+    mean over tasks). ``follows`` is None where no sample has one (a model without a chain); ``vae_ceiling``
+    (the accuracy of :func:`vae_round_trips`' records, per task) is None without them."""
     per = {}
     for t in tasks:
         rows = [s for s in samples if s["task"] == t]
@@ -143,21 +177,31 @@ def summarize(samples: Sequence[dict], tasks: Sequence[str]) -> dict:
         per[t] = {"prompts": len({s["index"] for s in rows}), "images": len(rows),
                   "image_accuracy": float(np.mean([s["correct"] for s in rows])),
                   "plan_accuracy": float(np.mean([s["plan_correct"] for s in rows])),
-                  "follows": _mean_or_none(s.get("follows") for s in rows)}
+                  "follows": _mean_or_none(s.get("follows") for s in rows),
+                  "vae_ceiling": None}
+        if round_trips is not None:
+            trips = [r["correct"] for r in round_trips if r["task"] == t]
+            if not trips:
+                raise ValueError(f"no VAE round trips for task {t!r}")
+            per[t]["vae_ceiling"] = float(np.mean(trips))
     follows = {t: v["follows"] for t, v in per.items()}
     return {"tasks": per, "overall": {"image": geneval.overall({t: v["image_accuracy"] for t, v in per.items()}),
                                       "plan": geneval.overall({t: v["plan_accuracy"] for t, v in per.items()}),
-                                      "follows": None if None in follows.values() else geneval.overall(follows)}}
+                                      "follows": None if None in follows.values() else geneval.overall(follows),
+                                      "vae_ceiling": None if round_trips is None else
+                                      geneval.overall({t: v["vae_ceiling"] for t, v in per.items()})}}
 
 
 def format_table(summary: dict) -> str:
     f = lambda v: f"{'-':>9}" if v is None else f"{v:>9.3f}"  # noqa: E731
-    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9} {'follows':>9}"]
+    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9} {'follows':>9} "
+             f"{'VAE ceil':>9}"]
     for t, v in summary["tasks"].items():
         lines.append(f"{t:<14} {v['prompts']:>7} {v['images']:>6} {v['image_accuracy']:>9.3f} {v['plan_accuracy']:>9.3f}"
-                     f" {f(v.get('follows'))}")
+                     f" {f(v.get('follows'))} {f(v.get('vae_ceiling'))}")
     o = summary["overall"]
-    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f} {f(o.get('follows'))}")
+    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f} {f(o.get('follows'))} "
+                 f"{f(o.get('vae_ceiling'))}")
     return "\n".join(lines)
 
 
@@ -260,9 +304,10 @@ def run(pipe, out: str | os.PathLike, settings: Settings, *, ckpt: str | None = 
     for s, im in zip(samples, images):
         s["image"] = f"images/{s['task']}_{s['index']:03d}_{s['k']}.png"
         atomic_write(out / s["image"], lambda p, im=im: im.save(p, format="PNG"))
-    summary = summarize(samples, settings.tasks)
+    round_trips = vae_round_trips(pipe, settings)
+    summary = summarize(samples, settings.tasks, round_trips)
     results = {"ckpt": ckpt, "settings": {**dataclasses.asdict(settings), "tasks": list(settings.tasks)},
-               "sampling_seconds": seconds, **summary, "samples": samples}
+               "sampling_seconds": seconds, **summary, "samples": samples, "vae_round_trips": round_trips}
     atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1) + "\n"))
     atomic_write(out / "failures.png", lambda p: contact_sheet(samples, images).save(p, format="PNG"))
     log(format_table(summary))
