@@ -1,6 +1,7 @@
 r"""The shipped demo GoT, trained from random weights on the synthetic shapes set in two stages (2-core CPU).
 
-    python -m got_jax.data.shapes --out /data/shapes64 --size 64 --num-generation 6000 --num-editing 2000 --seed 0
+    python -m got_jax.data.shapes --out /data/shapes64 --size 64 --num-generation 12000 --num-editing 2000 --seed 0 \
+        --task-weights position=8
     python train.py --config configs/demo_shapes.py --config.stage=vae --workdir /runs/demo_vae \
         --config.data.shapes_dir=/data/shapes64
     python train.py --config configs/demo_shapes.py --config.stage=got --workdir /runs/demo_got \
@@ -29,27 +30,30 @@ Ablations (the paper's, GoT stage; documented in :mod:`got_jax.train.tasks`):
   LM loss, one black layout canvas); the export records ``sampling_defaults: {"no_chain": true}``
   (``GoTPipeline(..., no_chain=True)`` generates no chain).
 
-Budget: <= 45 min on a 2-core CPU for both stages. The shipped weights (``got_jax/assets/demo``), measured with
-``train.py``'s log on the 2-core dev machine (a persistent compilation cache from earlier runs; a cold one adds
-2-3 min of compiles):
+Budget: <= 45 min on a 2-core CPU for both stages. The shipped weights (``got_jax/assets/demo``, recipe 2), measured
+with ``train.py``'s log on the 2-core dev machine (a persistent compilation cache from earlier runs; a cold one adds
+2-3 min of compiles): 42.5 min in all.
 
-* vae stage, 600 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 7.0 min; held-out
-  reconstruction 0.053 (L1, coloured pixels weighted 5x). Greens, yellows and oranges decode in their colours,
-  canvases as their boxes. (Before ``layout_canvases`` / ``foreground_weight``: 600 steps at batch 8 gave L1 0.045
-  but drifted green and yellow to orange, and its layout latents lost the boxes' colours.)
-* got stage, 1,200 steps at batch 16, lr 2e-3 (warmup 30, cosine): 29.6 min (1.4 s/step; 4 evals, 3 sample
-  images); held-out LM 0.177, diffusion 0.0214. Shapes-GenEval: plans 0.806 (position 0.0: greedy boxes all land in
-  the centre cell), images 0.052 (colours and places follow the plan, shapes are blobs); README, "The shipped
-  demo GoT". Earlier tries on the old VAE: lr 3e-4 x 600 steps (LM 2.37, no plan), lr 1e-3 x 600 (LM 0.53),
-  lr 2e-3 x 900 (LM 0.20, plans 0.806, images 0.028: every box painted blue).
+* data: 12,000 text-to-image scenes with the position task weighted 8 (7,385 position scenes, 923 of each other
+  task) + 2,000 edits. A reasoner trained on the natural mix (1 position scene in 6) never learned that the
+  relation word moves the boxes (recipe 1's position plans: 0.0).
+* vae stage, 1,800 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 10.3 min;
+  held-out reconstruction 0.028 (L1, coloured pixels weighted 5x). Its VAE ceiling on shapes-GenEval (ground truth
+  through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 0.972; recipe 1's 600 steps
+  gave 0.667 (rounded squares, merged neighbours), which capped the image accuracy under the 0.85 target.
+* got stage, 2,400 steps at batch 16, lr 2e-3 (warmup 30, cosine): 32.2 min (8 evals, 5 sample images); held-out
+  LM 0.152, diffusion 0.0180. Shapes-GenEval: plans 0.972 (position 0.833), images following their plan 0.667,
+  images 0.056 (the objects sit where and in the colour the plan says, but are blobs the shape detector rejects);
+  README, "The shipped demo GoT". 1,200 steps of the same recipe: plans 0.875 (position 0.25), follows 0.354.
 
-Ablations (same VAE, data, seed and schedule; README, "The shipped demo GoT"): no_layout 27.8 min, held-out LM
-0.176, diffusion 0.0202; shapes-GenEval images 0.017, plans 0.778, images following their plan 0.104 (the full
-recipe: 0.052 / 0.806 / 0.344). no_chain: diffusion 0.0214; images 0.080 (single object 0.354): its UNet spreads
-objects over the grid, while the full GoT's greedy plans stack them in the centre cell. Position plans: the
-relation word does not move the reasoner's boxes (teacher-forced, 0.07 nats between the true and the swapped
-relation); continued LM-only training moves it only with position scenes weighted up (60%: 1.1 nats after 600
-steps; the natural 1 in 6: 0.07-0.10 after 800).
+Recipe 1 (stop 24; data 6,000 unweighted scenes, ``--config.total_steps=600`` for the VAE and ``1200`` for the GoT):
+plans 0.806 (position 0.0: greedy boxes all land in the centre cell), follows 0.344, images 0.052, VAE ceiling
+0.667. Its ablations (same VAE, data, seed and schedule): no_layout images 0.017, plans 0.778, follows 0.104;
+no_chain images 0.080 (single object 0.354). Earlier tries on a VAE without layout canvases: lr 3e-4 x 600 steps
+(LM 2.37, no plan), lr 1e-3 x 600 (LM 0.53), lr 2e-3 x 900 (LM 0.20, plans 0.806, images 0.028: every box
+painted blue). Position plans in recipe 1: the relation word did not move the reasoner's boxes (teacher-forced,
+0.07 nats between the true and the swapped relation); continued LM-only training moved it only with position
+scenes weighted up (60%: 1.1 nats after 600 steps; the natural 1 in 6: 0.07-0.10 after 800).
 
 Re-measure with ``--config.total_steps=6 --config.eval_every=-1 --config.sample_every=-1`` and scale the counts
 (steps = minutes x 60 / (s/step)); compile adds ~1-3 min per stage and batch kind.
@@ -60,8 +64,8 @@ from ml_collections.config_dict import placeholder
 
 from configs import tiny_test
 
-VAE_STEPS = 600  # see the budget in the docstring
-GOT_STEPS = 1200
+VAE_STEPS = 1800  # see the budget in the docstring
+GOT_STEPS = 2400
 
 
 def get_config() -> ml_collections.ConfigDict:
