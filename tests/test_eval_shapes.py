@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from got_jax.data import shapes
@@ -218,9 +219,9 @@ def test_summary_reports_follows_per_task_and_none_without_a_plan():
     assert s["overall"]["follows"] is None and s["tasks"]["colors"]["follows"] is None
 
 
-class _StubVAEModel:
-    """The two model methods :func:`ev.vae_round_trips` uses, with a VAE that is exact (``decode`` inverts
-    ``encode_mode``) unless ``decode`` is given another map of the [0, 1] image."""
+class _StubVAEModel(nnx.Module):
+    """The two model methods :func:`ev.vae_round_trips` uses (an NNX module, as it splits the model), with a VAE
+    that is exact (``decode`` inverts ``encode_mode``) unless ``decode`` is given another map of the [0, 1] image."""
 
     def __init__(self, scaling_factor=0.25, post=None):
         import types
@@ -240,7 +241,8 @@ class _StubVAEModel:
 
 def test_vae_ceiling_scores_round_trips_of_the_ground_truth():
     """An exact VAE passes every task (the ground-truth renders do); a VAE that rotates the colour channels
-    (red -> blue, the other palette colours off the palette) fails the colour tasks, and one that blurs the shapes (4x4 block means) fails where shapes must be recognised."""
+    (red -> blue, the other palette colours off the palette) fails the colour tasks, and one that blurs the
+    shapes (4x4 block means) fails where shapes must be recognised."""
     import types
 
     import jax.numpy as jnp

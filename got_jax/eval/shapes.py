@@ -140,18 +140,24 @@ def vae_round_trips(pipe, settings: Settings, batch_size: int = 8) -> list[dict]
     ``{"task", "index", "correct", "reason"}``."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
 
     from got_jax.got.layout import to_model_range  # noqa: PLC0415
 
-    model = pipe.model
-    round_trip = jax.jit(lambda x: model.decode(model.encode_mode(x) * model.config.vae.scaling_factor))
+    graphdef, state = nnx.split(pipe.model)  # weights as arguments, not constants baked into the program (as paint)
+
+    @jax.jit
+    def round_trip(state, x):
+        model = nnx.merge(graphdef, state)
+        return model.decode(model.encode_mode(x) * model.config.vae.scaling_factor)
+
     prompts = [p for t in settings.tasks for p in shapes.eval_prompts(t, settings.prompts_per_task, settings.size)]
     renders = np.stack([shapes.render(p["objects"], settings.size) for p in prompts])
     out = []
     for start in range(0, len(renders), batch_size):
         chunk = renders[start:start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        dec = np.asarray(round_trip(jnp.asarray(to_model_range(padded))))[:len(chunk)]
+        dec = np.asarray(round_trip(state, jnp.asarray(to_model_range(padded))))[:len(chunk)]
         out.extend((dec * 255).astype(np.uint8))
     records = []
     for p, img in zip(prompts, out, strict=True):
