@@ -485,3 +485,24 @@ def test_other_schedulers_match_diffusers(got, name, cls):
     out = got.pipe(T2I_PROMPT, got_texts=PLAN, scheduler=name, height=SIZE, width=SIZE, num_inference_steps=STEPS,
                    noise=(init, np.zeros((STEPS,) + init.shape, np.float32)), return_intermediates=True)
     _check_image(out.intermediates[0][0]["image"], r, what=f"{name} image")
+
+
+def test_scheduler_config_without_clip_sample_warns(caplog):
+    """A scheduler config lacking ``clip_sample`` (diffusers then clips x0 to [-1, 1] in DDPM / DDIM) is named in a
+    warning when the pipeline is built; SDXL's own config (the demo's) builds silently."""
+    import logging
+
+    from flax import nnx
+
+    from got_jax.got.demo import SDXL_SCHEDULER, demo_config
+    from got_jax.got.model import GoT
+    from got_jax.got.pipeline import GoTPipeline
+    from got_jax.got.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    model = nnx.eval_shape(lambda: GoT(demo_config(tok), rngs=nnx.Rngs(0)))
+    with caplog.at_level(logging.WARNING, logger="got_jax.got.pipeline"):
+        GoTPipeline(model, tok, scheduler_config=SDXL_SCHEDULER)
+        assert "clip_sample" not in caplog.text
+        GoTPipeline(model, tok, scheduler_config={k: v for k, v in SDXL_SCHEDULER.items() if k != "clip_sample"})
+    assert "no 'clip_sample' key" in caplog.text

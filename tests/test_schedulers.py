@@ -230,3 +230,31 @@ def test_dpm_names_and_errors():
     make_scheduler("dpm_solver_multistep", dict(CFG, algorithm_type="sde-dpmsolver++"), 12)
   with pytest.raises(ValueError, match="solver_order"):
     make_scheduler("dpm_solver_multistep", dict(CFG, solver_order=3), 12)
+
+
+def test_demo_and_shipped_configs_are_sdxls_scheduler_config():
+  """The demo GoT's scheduler config (what ``train.export`` writes, and the shipped demo's config.json) is SDXL
+  base's, every key. A config without ``clip_sample`` builds DDPM / DDIM that clip x0 to [-1, 1] (diffusers'
+  default): the demo sampled that way for three stops, its objects turned to blobs and red ones to green."""
+  from got_jax.got.demo import DEMO_DIR, SDXL_SCHEDULER  # noqa: PLC0415
+
+  assert SDXL_SCHEDULER == CFG
+  shipped = json.load(open(os.path.join(DEMO_DIR, "config.json")))["scheduler"]
+  assert shipped == CFG
+  for name in ("ddpm", "ddim"):
+    assert make_scheduler(name, SDXL_SCHEDULER, 10).clip_sample is False
+    assert make_scheduler(name, {k: v for k, v in CFG.items() if k != "clip_sample"}, 10).clip_sample is True
+
+
+@pytest.mark.parametrize("name,cls", [("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler)])
+def test_sdxl_config_keeps_large_latents_unclipped(name, cls):
+  """Latents at +-4 (SDXL-style latents reach that) through DDPM / DDIM built from SDXL's config: equal to
+  diffusers', and nothing is clipped; the same trajectory under clip_sample=True differs (the check can fail)."""
+  rng = np.random.default_rng(3)
+  x0 = (4.0 * np.tanh(rng.standard_normal((1, 4, 8, 8)))).astype(np.float32)
+  noises = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(5)]
+  ours = _run_ours(name, CFG, 5, x0, noises)
+  ref = _run_diffusers(cls, CFG, 5, x0, noises if name == "ddpm" else None)
+  np.testing.assert_allclose(ours, ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
+  clipped = _run_ours(name, dict(CFG, clip_sample=True), 5, x0, noises)
+  assert np.abs(clipped - ours).max() > 0.1

@@ -30,9 +30,14 @@ from got_jax.models.options import DEFAULT_OPTIONS, ModelOptions
 from got_jax.models.qwen2_5_vl.processing import make_image_processor
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                  "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
-                  "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
+# SDXL base's scheduler/scheduler_config.json, every key (configs/reference/sdxl_scheduler_config.json; a test
+# keeps them equal). "clip_sample": false matters: DDPM / DDIM built from a config without it clip the x0
+# estimate to [-1, 1] (diffusers' default), and SDXL-style latents (scaled to unit std) reach +-5.
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+                  "trained_betas": None, "use_karras_sigmas": False}
 DEMO_PROCESSOR = dict(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2)
 
 

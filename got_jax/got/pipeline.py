@@ -213,6 +213,10 @@ class GoTPipeline:
         self.scheduler_config = dict(scheduler_config if scheduler_config is not None else model.config.scheduler)
         if not self.scheduler_config:
             raise ValueError("no scheduler config: the checkpoint has none, pass scheduler_config=")
+        if "clip_sample" not in self.scheduler_config:
+            log.warning("scheduler config has no 'clip_sample' key: the 'ddpm' / 'ddim' samplers then clip the x0 "
+                        "estimate to [-1, 1] (diffusers' default), which ruins SDXL-style latents; SDXL's own "
+                        "config says \"clip_sample\": false (configs/reference/sdxl_scheduler_config.json)")
         self.mesh, self.rules = mesh, rules
         self.max_boxes = int(max_boxes)
         self._paint_fns: dict[tuple, Any] = {}
