@@ -42,22 +42,23 @@ with ``train.py``'s log on the 2-core dev machine (a persistent compilation cach
   through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 0.972; recipe 1's 600 steps
   gave 0.667 (rounded squares, merged neighbours), which capped the image accuracy under the 0.85 target.
 * got stage, 2,400 steps at batch 16, lr 2e-3 (warmup 30, cosine): 32.2 min (8 evals, 5 sample images); held-out
-  LM 0.152, diffusion 0.0180. Shapes-GenEval: plans 0.972 (position 0.833), images following their plan 0.667,
-  images 0.056 (the objects sit where and in the colour the plan says, but are blobs the shape detector rejects);
-  README, "The shipped demo GoT". 1,200 steps of the same recipe: plans 0.875 (position 0.25), follows 0.354.
+  LM 0.152, diffusion 0.0180. Shapes-GenEval: images 0.149, plans 0.972 (position 0.833), images following their
+  plan 0.910 (each object is painted in its planned box and colour, mostly as a rounded square; neighbours touch);
+  README, "The shipped demo GoT". 1,200 steps of the same recipe: plans 0.875 (position 0.25).
 
-Recipe 2 without the layout (``--config.ablation.no_layout=True``, 2,400 steps): held-out LM 0.150, diffusion
-0.0161; plans 1.000, images 0.073, follows 0.156 (the shipped recipe: 0.972 / 0.056 / 0.667). no_chain of recipe
-2: not measured yet.
+The paper's ablations of recipe 2 (2,400 steps each; README): ``--config.ablation.no_layout=True`` held-out LM
+0.150, diffusion 0.0161, images 0.083, plans 1.000, follows 0.181; ``--config.ablation.no_chain=True`` diffusion
+0.0166, images 0.097.
+
+Image numbers measured before 8caa1ff (recipe 1's, and recipe 2's first ones: 0.056) went through a sampler that
+clipped x0 to [-1, 1] (the demo's scheduler config lacked SDXL's ``clip_sample: false``) and are withdrawn.
 
 Recipe 1 (stop 24; data 6,000 unweighted scenes, ``--config.total_steps=600`` for the VAE and ``1200`` for the GoT):
-plans 0.806 (position 0.0: greedy boxes all land in the centre cell), follows 0.344, images 0.052, VAE ceiling
-0.667. Its ablations (same VAE, data, seed and schedule): no_layout images 0.017, plans 0.778, follows 0.104;
-no_chain images 0.080 (single object 0.354). Earlier tries on a VAE without layout canvases: lr 3e-4 x 600 steps
-(LM 2.37, no plan), lr 1e-3 x 600 (LM 0.53), lr 2e-3 x 900 (LM 0.20, plans 0.806, images 0.028: every box
-painted blue). Position plans in recipe 1: the relation word did not move the reasoner's boxes (teacher-forced,
-0.07 nats between the true and the swapped relation); continued LM-only training moved it only with position
-scenes weighted up (60%: 1.1 nats after 600 steps; the natural 1 in 6: 0.07-0.10 after 800).
+plans 0.806 (position 0.0: greedy boxes all land in the centre cell), VAE ceiling 0.667. Earlier tries on a VAE
+without layout canvases: lr 3e-4 x 600 steps (LM 2.37, no plan), lr 1e-3 x 600 (LM 0.53), lr 2e-3 x 900 (LM 0.20,
+plans 0.806, every box painted blue). Position plans in recipe 1: the relation word did not move the reasoner's
+boxes (teacher-forced, 0.07 nats between the true and the swapped relation); continued LM-only training moved it
+only with position scenes weighted up (60%: 1.1 nats after 600 steps; the natural 1 in 6: 0.07-0.10 after 800).
 
 Re-measure with ``--config.total_steps=6 --config.eval_every=-1 --config.sample_every=-1`` and scale the counts
 (steps = minutes x 60 / (s/step)); compile adds ~1-3 min per stage and batch kind.
