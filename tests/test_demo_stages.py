@@ -135,6 +135,10 @@ def test_export_and_load_demo_round_trip(stages, tmp_path):
     assert size <= MAX_DEMO_BYTES, size
     pipe, kw = demo.load_demo(folder)
     assert kw == {"height": 32, "width": 32}
+    # editing sources are seen as in training (tiny_test: data.reasoner_size 56, not the released 448)
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["reasoner_source_size"] == 56
+    assert pipe.source_size == 56
     trained = nnx.merge(s["got_out"]["graphdef"], s["got_out"]["state"]).model
     want, got = _flat(trained), _flat(pipe.model)
     assert want.keys() == got.keys()

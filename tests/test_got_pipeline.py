@@ -395,6 +395,12 @@ def test_bad_input(got, kwargs, match):
         got.pipe(prompts, **kwargs)
 
 
+@pytest.mark.parametrize("size", [0, 50])
+def test_bad_source_size(got, size):
+    with pytest.raises(ValueError, match=f"source_size {size}: .* multiple of 28"):
+        gp.GoTPipeline(got.pipe.model, got.pipe.tokenizer, source_size=size)
+
+
 def test_plan_edge_cases(got):
     """Plans without coloured boxes (one black canvas) and with coordinates past 1000 give the released
     layout latents; more boxes than max_boxes raise."""

@@ -30,8 +30,10 @@ def _png(arr):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("editing", [False, True])
-def test_training_and_sampling_see_the_same_prompt_and_pixels(tok, editing):
+@pytest.mark.parametrize("editing,view", [(False, 448), (True, 448), (True, 56)])
+def test_training_and_sampling_see_the_same_prompt_and_pixels(tok, editing, view):
+    """``view``: the training config's ``data.reasoner_size`` (448 released; the demo's 56), which an exported
+    folder records and :class:`GoTPipeline` samples with (``source_size``)."""
     rng = np.random.default_rng(0)
     ex = shapes.generation_example(0, 3, 64)
     source = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
@@ -41,11 +43,11 @@ def test_training_and_sampling_see_the_same_prompt_and_pixels(tok, editing):
     if editing:
         record["source_image"] = _png(source)
     cfg = P.PipelineConfig(kind="editing" if editing else "generation", buckets=((64, 64),), max_text_len=640,
-                           max_boxes=4)
+                           max_boxes=4, reasoner_size=view)
     out = P.ExampleProcessor(cfg, tok)(0, record)
     assert "_skip" not in out, out
 
-    sampler = types.SimpleNamespace(tokenizer=tok, image_processor=load_image_processor(None))
+    sampler = types.SimpleNamespace(tokenizer=tok, image_processor=load_image_processor(None), source_size=view)
     ids, images = GoTPipeline._prompt_ids(sampler, text, Image.fromarray(source) if editing else None)
     assert ids == T.prompt_ids(tok, text, int(np.prod(out["image_grid_thw"])) // 4 if editing else 0)
     np.testing.assert_array_equal(out["input_ids"][:len(ids)], ids)
@@ -54,6 +56,6 @@ def test_training_and_sampling_see_the_same_prompt_and_pixels(tok, editing):
         (pv, grid), = images
         np.testing.assert_array_equal(out["image_grid_thw"], grid[0])
         np.testing.assert_array_equal(out["pixel_values"][:len(pv)], pv)
-        assert (np.asarray(ids) == T.got_token_ids(tok).image_pad).sum() == len(pv) // 4
+        assert (np.asarray(ids) == T.got_token_ids(tok).image_pad).sum() == len(pv) // 4 == (view // 28) ** 2
     else:
         assert images == [] and T.IMAGE_PAD not in tok.decode(ids)

@@ -195,8 +195,12 @@ class GoTPipeline:
     """
 
     def __init__(self, model: GoT, tokenizer, image_processor=None, *, scheduler_config: dict | None = None,
-                 mesh=None, rules=None, max_boxes: int = 32):
+                 mesh=None, rules=None, max_boxes: int = 32, source_size: int = SOURCE_SIZE):
         sharding.require_rules("GoTPipeline", mesh, rules)
+        if int(source_size) <= 0 or int(source_size) % 28:
+            raise ValueError(f"source_size {source_size}: the reasoner's view of a source image must be a positive "
+                             "multiple of 28 (patch 14 x merge 2)")
+        self.source_size = int(source_size)
         self.model = model
         self.tokenizer = tokenizer
         self.ids = got_token_ids(tokenizer)
@@ -226,9 +230,15 @@ class GoTPipeline:
     def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None, rules=None, options=None,
                         **kwargs) -> "GoTPipeline":
         """A pipeline on a converted GoT folder (``convert/got_checkpoint.py`` output); ``options``
-        (:class:`~got_jax.models.options.ModelOptions`) default to float32 compute on the stored dtype."""
+        (:class:`~got_jax.models.options.ModelOptions`) default to float32 compute on the stored dtype. The
+        reasoner's view of source images is the folder's ``reasoner_source_size`` (config.json; written by
+        ``got_jax.train.export`` from the training config's ``data.reasoner_size``), else the released 448."""
+        from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
+
         sharding.require_rules("GoTPipeline.from_pretrained", mesh, rules)
         folder = os.fspath(folder)
+        if "source_size" not in kwargs:
+            kwargs["source_size"] = int(read_config(folder).get("reasoner_source_size") or SOURCE_SIZE)
         model = GoT.from_checkpoint(folder, mesh=mesh, rules=rules, options=options)
         tok_dir = os.path.join(folder, "tokenizer")
         tokenizer = load_tokenizer(tok_dir)
@@ -243,7 +253,7 @@ class GoTPipeline:
         return sharding.use_mesh(self.mesh, self.rules)
 
     def _vision(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        pv, grid, _ = reasoner_image(img, self.image_processor, SOURCE_SIZE)
+        pv, grid, _ = reasoner_image(img, self.image_processor, self.source_size)
         return pv, grid
 
     def _image_tokens(self, grid: np.ndarray) -> int:
@@ -252,7 +262,7 @@ class GoTPipeline:
     def _prompt_ids(self, text: str, source: Image.Image | None) -> tuple[list[int], list]:
         if source is None:
             return prompt_ids(self.tokenizer, text), []
-        pv, grid, n = reasoner_image(source, self.image_processor, SOURCE_SIZE)
+        pv, grid, n = reasoner_image(source, self.image_processor, self.source_size)
         return prompt_ids(self.tokenizer, text, n), [(pv, grid)]
 
     def _decode(self, ids: Sequence[int]) -> str:

@@ -67,9 +67,11 @@ def export_folder(config, workdir: str, out: str, *, step: int | None = None, me
                   overwrite: bool = False) -> str:
     """Writes the converted got-jax folder of a run's checkpoint (LoRA merged) to ``out``; returns ``out``.
 
-    Its config.json records ``source`` (workdir, step), the run's ``ablation`` switches and the
+    Its config.json records ``source`` (workdir, step), the run's ``ablation`` switches, the
     ``sampling_defaults`` a model trained under them must be sampled with (``no_chain`` / ``zero_layout``;
-    :func:`got_jax.got.demo.load_demo` passes them on). Weights stay float32 (the demo is ~7 MB so).
+    :func:`got_jax.got.demo.load_demo` passes them on) and ``reasoner_source_size``, the reasoner's view of an
+    editing source in training (``data.reasoner_size``), which :meth:`GoTPipeline.from_pretrained` samples with.
+    Weights stay float32 (the demo is ~7 MB so).
     """
     from got_jax.checkpoint.orbax_io import pure_tree, write_checkpoint_folder  # noqa: PLC0415
     from got_jax.models.qwen2_5_vl.lora import merge_lora  # noqa: PLC0415
@@ -83,6 +85,8 @@ def export_folder(config, workdir: str, out: str, *, step: int | None = None, me
     resolved = setup.resolve(config)
     cfg["ablation"] = tasks.ablation(resolved)
     cfg["sampling_defaults"] = tasks.sampling_defaults(resolved)
+    # the reasoner's view of an editing source in training: sampling must use the same (GoTPipeline.from_pretrained)
+    cfg["reasoner_source_size"] = int(resolved.data.reasoner_size)
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         files = {n: os.path.join(tmp, n) for n in os.listdir(tmp)}
