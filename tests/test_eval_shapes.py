@@ -187,6 +187,14 @@ def test_plan_scoring_on_correct_and_wrong_plans():
     assert ev.score_plan(plan, meta)[0]
     assert not ev.score_plan(plan.replace("red", "blue"), meta)[0]
     assert ev.plan_detections("no boxes at all") == []
+    # two objects planned in one place fail (the greedy plans of recipe 2 stacked every box in the centre)
+    meta2 = {"include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1, "color": "blue"}]}
+    sq = "<|object_ref_start|>a blue square<|object_ref_end|><|box_start|>({},{}),({},{})<|box_end|> (blue)"
+    assert ev.score_plan(plan + sq.format(400, 100, 600, 300), meta2)[0]  # apart
+    assert ev.score_plan(plan + sq.format(300, 100, 500, 300), meta2)[0]  # touching edges: no common area
+    ok, reason = ev.score_plan(plan + sq.format(299, 299, 500, 500), meta2)  # one unit of common area
+    assert not ok and reason == "plan boxes 1 (circle) and 2 (square) overlap: (100, 100, 300, 300) and (299, 299, 500, 500)"
+    assert not ev.score_plan(plan + sq.format(100, 100, 300, 300), meta2)[0]
     assert ev.plan_detections("<|object_ref_start|>a cat<|object_ref_end|><|box_start|>(1,1),(9,9)<|box_end|> (red)") == []
 
 

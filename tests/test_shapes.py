@@ -82,9 +82,11 @@ def test_every_caption_holds_on_many_seeds():
                 if c1 is not None:
                     assert {c for c, _ in attrs} == {c1}
             elif task in ("two_object", "color_attr"):
-                assert rel == "and" and [s for _, s in attrs] == [s1, s2]
-                if task == "color_attr":
-                    assert [c for c, _ in attrs] == [c1, c2]
+                assert rel == "and" and len(attrs) == 2, ex["caption"]
+                if task == "color_attr":  # the plan lists the caption's two objects, in reading order
+                    assert sorted(attrs) == sorted([(c1, s1), (c2, s2)]), ex["caption"]
+                else:
+                    assert sorted(s for _, s in attrs) == sorted([s1, s2]), ex["caption"]
             else:
                 assert attrs == [(c1, s1)] * n + [(c2, s2)], ex["caption"]
                 pix = [shapes.pixel_box(o) for o in ex["objects"]]
@@ -95,6 +97,31 @@ def test_every_caption_holds_on_many_seeds():
                         along, across = (dx, dy) if rel in ("left of", "right of") else (dy, dx)
                         assert abs(along) >= 0.5 + m and abs(across) <= 0.5 - m, (ex["caption"], dx, dy)
     assert min(checked.values()) >= 500, checked
+
+
+@pytest.mark.parametrize("size", [64, 96, 128])
+def test_objects_keep_their_cell_margin_and_plans_list_them_in_reading_order(size):
+    """Every object keeps cell_margin(size) px clear of its cell's borders (so neighbours are >= 2 x that apart:
+    4 px at 64), sizes span the whole allowed range, and plans list their objects row by row (position plans:
+    the related objects in reading order, the reference last), in generation and evaluation scenes alike."""
+    m, cs = shapes.cell_margin(size), size // shapes.GRID
+    assert m == {64: 2, 96: 3, 128: 4}[size]
+    sides = set()
+    examples = [shapes.generation_example(s, i, size, {"position": 2}) for s in range(3) for i in range(200)]
+    scenes = [(ex["task"], ex["objects"]) for ex in examples]
+    scenes += [(t, p["objects"]) for t in shapes.TASKS for p in shapes.eval_prompts(t, 12, size)]
+    for task, objs in scenes:
+        for o in objs:
+            row, col = divmod(o.cell, shapes.GRID)
+            assert col * cs + m <= o.x_lo < o.x_hi <= (col + 1) * cs - m, (task, o)
+            assert row * cs + m <= o.y_lo < o.y_hi <= (row + 1) * cs - m, (task, o)
+            sides.add(o.x_hi - o.x_lo)
+        listed = objs[:-1] if task == "position" else objs
+        assert [o.cell for o in listed] == sorted(o.cell for o in listed), (task, objs)
+    assert sides == set(range(max(4, cs // 2), cs - 2 * m + 1))
+    for ex in examples:  # the plan's boxes are the objects', in the same order
+        assert ex["boxes"] == [shapes.object_box(o, size, size) for o in ex["objects"]]
+        assert parse_got(ex["got"], strict=True) == ex["boxes"]
 
 
 def test_position_captions_use_both_phrasings():

@@ -3,7 +3,9 @@
 Every object is drawn inside a pixel rectangle ``[x_lo, x_hi) x [y_lo, y_hi)`` that it touches on
 all four sides, and its GoT box is the 0..1000 box that the layout renderer
 (:func:`got_jax.got.layout.render_layout_canvases`) maps back to exactly that rectangle, so the
-painted layout and the object's pixels coincide. Objects never overlap (one per grid cell).
+painted layout and the object's pixels coincide. Objects never overlap: one per cell of a 3 x 3 grid, each
+:func:`cell_margin` pixels clear of its cell's borders. A plan lists its objects in :func:`reading_order`
+(position plans: the related objects in reading order, then the reference object).
 
 Captions cover GenEval's six task types (single object, two objects, counting, colours, position,
 colour attribution), in turn, or with some weighted up (``--task-weights position=3``: :func:`task_cycle`).
@@ -121,14 +123,21 @@ def render(objects: list[ShapeObject], size: int, background: tuple[int, int, in
     return img
 
 
+def cell_margin(size: int) -> int:
+    """Pixels every object keeps free at each border of its grid cell: neighbouring objects are at least twice
+    this apart (4 px at 64 px, one latent cell of the demo's VAE), so a model that draws each object in its
+    planned box does not merge neighbours."""
+    return max(2, (size // GRID) // 10)
+
+
 def _place(rng: np.random.Generator, shape: str, color: str, cell: int, size: int) -> ShapeObject:
-    cs = size // GRID
+    cs, m = size // GRID, cell_margin(size)
     row, col = divmod(cell, GRID)
     min_side = max(4, cs // 2)
-    side_w = int(rng.integers(min_side, cs - 1))
-    side_h = side_w if shape != "triangle" else int(rng.integers(min_side, cs - 1))
-    x_lo = col * cs + int(rng.integers(1, cs - side_w))
-    y_lo = row * cs + int(rng.integers(1, cs - side_h))
+    side_w = int(rng.integers(min_side, cs - 2 * m + 1))
+    side_h = side_w if shape != "triangle" else int(rng.integers(min_side, cs - 2 * m + 1))
+    x_lo = col * cs + int(rng.integers(m, cs - m - side_w + 1))
+    y_lo = row * cs + int(rng.integers(m, cs - m - side_h + 1))
     return ShapeObject(shape, color, x_lo, y_lo, x_lo + side_w, y_lo + side_h, cell)
 
 
@@ -137,6 +146,13 @@ def _cells(rng, n, constraint=None):
         cells = [int(c) for c in rng.choice(GRID * GRID, size=n, replace=False)]
         if constraint is None or constraint(cells):
             return cells
+
+
+def reading_order(objects: list[ShapeObject]) -> list[ShapeObject]:
+    """``objects`` sorted by grid cell, row by row (top-left first). Plans list their boxes in this order, so
+    every box of a plan lies in a later cell than the one before it: a reasoner that learns the order cannot
+    stack two objects in one box, as greedy decoding of randomly ordered plans did (every box in the centre)."""
+    return sorted(objects, key=lambda o: o.cell)
 
 
 # ------------------------------------------------------------------------------------ relations
@@ -263,7 +279,7 @@ def _place_relation(rng, rel: str, n: int, first: tuple[str, str], ref: tuple[st
     """``n`` objects ``first`` (shape, colour) each in GenEval relation ``rel`` to one ``ref``, with margin."""
     for _ in range(_MAX_TRIES):
         cells = _cells(rng, n + 1, lambda cs: all(_CELL_RELATIONS[rel](a, cs[-1]) for a in cs[:-1]))
-        objs = [_place(rng, first[0], first[1], k, size) for k in cells[:-1]] + [_place(rng, ref[0], ref[1], cells[-1], size)]
+        objs = [_place(rng, first[0], first[1], k, size) for k in sorted(cells[:-1])] + [_place(rng, ref[0], ref[1], cells[-1], size)]
         if all(scene_relation_margin(o, objs[-1], rel, size) >= RELATION_MARGIN for o in objs[:-1]):
             return objs
     raise RuntimeError(f"no placement of {n} object(s) {rel} another at size {size} after {_MAX_TRIES} tries")
@@ -290,10 +306,10 @@ def _draw(rng: np.random.Generator, task: str, size: int) -> tuple[str, list[Sha
         objs = [_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)]
         cap = (f"a photo of a {s1} and a {s2}" if task == "two_object"
                else f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}")
-        return cap, objs
+        return cap, reading_order(objs)
     if task == "counting":
         n, s, c = int(rng.integers(2, 5)), pick(SHAPES), pick(COLORS)
-        return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", [_place(rng, s, c, k, size) for k in _cells(rng, n)]
+        return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", reading_order([_place(rng, s, c, k, size) for k in _cells(rng, n)])
     if task == "position":
         style = pick(("geneval", "counted"))
         rel = pick(list(_CELL_RELATIONS))
@@ -363,16 +379,17 @@ def _eval_scene(rng, task: str, spec: dict, size: int) -> tuple[str, list[ShapeO
     if task == "counting":
         s, n = spec["shape"], spec["count"]
         c = pick(COLORS)
-        return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", [_place(rng, s, c, k, size) for k in _cells(rng, n)]
+        return f"a photo of {NUMBER_WORDS[n]} {_plural(s, n)}", reading_order([_place(rng, s, c, k, size) for k in _cells(rng, n)])
     if task == "two_object":
         (s1, s2), cells = spec["shapes"], _cells(rng, 2)
         c1, c2 = (str(x) for x in rng.choice(COLORS, 2, replace=False))
-        return f"a photo of a {s1} and a {s2}", [_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)]
+        return f"a photo of a {s1} and a {s2}", reading_order([_place(rng, s1, c1, cells[0], size),
+                                                                _place(rng, s2, c2, cells[1], size)])
     if task == "color_attr":
         c1, s1, c2, s2 = spec["combo"]
         cells = _cells(rng, 2)
         return (f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}",
-                [_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)])
+                reading_order([_place(rng, s1, c1, cells[0], size), _place(rng, s2, c2, cells[1], size)]))
     c1, s1, rel, c2, s2 = spec["combo"]
     return _position_caption("geneval", 1, c1, s1, rel, c2, s2), _place_relation(rng, rel, 1, (s1, c1), (s2, c2), size)
 

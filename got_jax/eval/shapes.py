@@ -15,7 +15,7 @@ the compiled programs see one shape.
 Scoring (:mod:`got_jax.eval.geneval`): each image goes through the palette detector
 (:mod:`got_jax.eval.detect`); each generated GoT plan is read with :func:`got_jax.got.text.parse_got` into
 the same detections (class from the box phrase, colour from the box's colour). Both are scored by GenEval's
-rules against the prompt's metadata, so plan accuracy and image accuracy sit side by side: a wrong plan
+rules against the prompt's metadata (a plan whose object boxes overlap fails: :func:`score_plan`), so plan accuracy and image accuracy sit side by side: a wrong plan
 drawn faithfully fails both; a right plan drawn wrongly fails the image only. Position follows GenEval
 (shapes and relation; colours in a position prompt are not scored). A third score, ``follows``, asks whether the
 image draws its own plan, whatever the prompt: the plan's first coloured box is painted in that colour
@@ -109,10 +109,27 @@ def score_image(image, metadata) -> tuple[bool, str, list[geneval.Detection]]:
     return ok, reason, dets
 
 
+def overlapping_boxes(dets: Sequence[geneval.Detection]) -> tuple[int, int] | None:
+    """The first pair (i, j) of detections whose boxes overlap (positive intersection area), else None."""
+    for i in range(len(dets)):
+        for j in range(i + 1, len(dets)):
+            a, b = dets[i].box, dets[j].box
+            if min(a[2], b[2]) - max(a[0], b[0]) > 0 and min(a[3], b[3]) - max(a[1], b[1]) > 0:
+                return i, j
+    return None
+
+
 def score_plan(got_text: str, metadata) -> tuple[bool, str]:
     """(correct, reason) of a generated GoT plan: object count, colours and box-centre relations, by the same
-    rules as the images."""
-    return geneval.evaluate(geneval.by_class(plan_detections(got_text)), metadata)
+    rules as the images; and its objects' boxes must not overlap (two objects planned in one place cannot be
+    drawn, nor detected, as two: the training scenes keep every object in its own grid cell)."""
+    dets = plan_detections(got_text)
+    pair = overlapping_boxes(dets)
+    if pair is not None:
+        i, j = pair
+        return False, (f"plan boxes {i + 1} ({dets[i].cls}) and {j + 1} ({dets[j].cls}) overlap: "
+                       f"{tuple(int(v) for v in dets[i].box)} and {tuple(int(v) for v in dets[j].box)}")
+    return geneval.evaluate(geneval.by_class(dets), metadata)
 
 
 def follows_plan(image, got_text: str) -> bool:
