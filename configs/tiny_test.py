@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.noise_offset = 0.1
     c.loss.cond_dropout_prob = 0.05
     c.loss.vocab_chunk = 0  # 0 = whole-vocabulary logits
+    c.loss.vae_encode_passes = 0  # frozen-VAE encodes of target / reference images: 0 = the whole batch at once
 
     c.data = ml_collections.ConfigDict()
     c.data.sources = ""  # e.g. "file:/tmp/shapes/annotations/generation.jsonl@shapes" (see configs/data_mixtures.py)

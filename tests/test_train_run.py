@@ -350,6 +350,11 @@ def test_got_6b_abstract_state_has_released_and_recipe_counts():
     assert counts["reasoner"]["frozen"] == reasoner_base - fully
     assert counts["unet"] == {"trainable": unet, "frozen": 0} and counts["vae"] == {"trainable": 0, "frozen": vae}
     assert counts["total"]["trainable"] == lora + fully + projectors + unet
+    # the frozen VAE's target / reference encodes in passes that divide a v5e-64 chip's examples (benchmarks/vae_encodes.py)
+    from got_jax.train import run
+
+    passes = run.loss_config(c).vae_encode_passes
+    assert passes == 2 and (c.global_batch_size // 64) % passes == 0 and (c.global_batch_size // 16) % passes == 0
 
 
 def test_optimizer_holds_two_moments_of_exactly_the_trainable_parameters():

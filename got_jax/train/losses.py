@@ -51,6 +51,7 @@ class LossConfig:
     cond_dropout_prob: float = 0.05
     cond_branch_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # branches (2), (3), (4)
     vocab_chunk: int | None = None  # None: whole-vocabulary logits
+    vae_encode_passes: int = 0  # frozen-VAE encodes of target / reference images in this many passes; 0 / 1: one
 
     def __post_init__(self):
         if not 0.0 <= self.cond_dropout_prob <= 1.0:
@@ -62,6 +63,9 @@ class LossConfig:
         object.__setattr__(self, "cond_branch_probs", p)
         if self.vocab_chunk is not None and int(self.vocab_chunk) <= 0:
             raise ValueError(f"LossConfig.vocab_chunk must be positive or None, got {self.vocab_chunk}")
+        if int(self.vae_encode_passes) < 0:
+            raise ValueError(f"LossConfig.vae_encode_passes must be >= 0 (0 or 1: the whole batch in one pass), got "
+                             f"{self.vae_encode_passes}")
 
 
 @flax.struct.dataclass
@@ -162,15 +166,34 @@ def canvases_to_model_range(canvases: jax.Array) -> jax.Array:
     return canvases.astype(jnp.float32)
 
 
-def conditioning_latents(model, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+def in_passes(fn, x: jax.Array, passes: int) -> jax.Array:
+    """``fn(x)`` computed in ``passes`` sequential passes (``lax.map``: the temporaries of one pass, not of the
+    batch). Pass ``j`` takes examples ``j, j + passes, j + 2 * passes, ...``, so on a mesh that splits the batch
+    into contiguous blocks every device works in every pass (when ``passes`` divides its block). ``passes`` 0 or
+    1: one call. The batch must divide into the passes."""
+    b = x.shape[0]
+    if passes <= 1:
+        return fn(x)
+    if b % passes:
+        raise ValueError(f"vae_encode_passes {passes} does not divide the (micro)batch of {b} images")
+    pieces = jnp.swapaxes(x.reshape((b // passes, passes) + x.shape[1:]), 0, 1)
+    y = jax.lax.map(fn, pieces)
+    return jnp.swapaxes(y, 0, 1).reshape((b,) + y.shape[2:])
+
+
+def conditioning_latents(model, batch: Mapping[str, Any], encode_passes: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(target latents x scaling factor, reference latents, layout latents) of a batch; no gradient (VAE frozen).
 
     ``target_image`` / ``reference_image`` (B, H, W, 3) in [-1, 1] (the pipeline gives an all-black
     reference for T2I); ``layout_canvases`` (B, K, H, W, 3) uint8 or [-1, 1] with ``layout_mask`` (B, K).
+    ``encode_passes`` (``LossConfig.vae_encode_passes``): target and reference images go through the VAE in
+    that many passes (:func:`in_passes`; 0: one), which bounds the encodes' memory; layout canvases always go
+    one at a time (:meth:`GoT.layout_latents`).
     """
     vae_cfg = model.config.vae
-    target = model.vae.encode(batch["target_image"].astype(model.dtype)).mean * vae_cfg.scaling_factor
-    reference = model.encode_mode(batch["reference_image"])
+    target = in_passes(lambda im: model.vae.encode(im.astype(model.dtype)).mean, batch["target_image"],
+                       encode_passes) * vae_cfg.scaling_factor
+    reference = in_passes(model.encode_mode, batch["reference_image"], encode_passes)
     layout = model.layout_latents(canvases_to_model_range(batch["layout_canvases"]), batch["layout_mask"])
     return tuple(jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (target, reference, layout))
 
@@ -212,6 +235,7 @@ def got_loss(model, inputs, batch: Mapping[str, Any], draws: Draws, schedule: Tr
     ce = lm_cross_entropy(hidden, lm_head_weight(reasoner), inputs.target_ids, inputs.target_mask,
                           vocab_chunk=cfg.vocab_chunk, dtype=model.dtype)
     q = query_hidden_states(hidden, inputs.query_index)
-    mse = diffusion_loss(model, q, conditioning_latents(model, batch), batch["time_ids"], draws, schedule, cfg)
+    mse = diffusion_loss(model, q, conditioning_latents(model, batch, int(cfg.vae_encode_passes)), batch["time_ids"],
+                         draws, schedule, cfg)
     total = jnp.float32(cfg.lm_weight) * ce + jnp.float32(cfg.diffusion_weight) * mse
     return total, {"loss": total, "lm_loss": ce, "diffusion_loss": mse}

@@ -62,7 +62,7 @@ def loss_config(config) -> losses.LossConfig:
     lc = config.loss
     return losses.LossConfig(lm_weight=float(lc.lm_weight), diffusion_weight=float(lc.diffusion_weight),
                              noise_offset=float(lc.noise_offset), cond_dropout_prob=float(lc.cond_dropout_prob),
-                             vocab_chunk=lc.vocab_chunk or None)
+                             vocab_chunk=lc.vocab_chunk or None, vae_encode_passes=int(lc.get("vae_encode_passes", 0) or 0))
 
 
 class GoTTask:
