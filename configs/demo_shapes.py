@@ -30,28 +30,34 @@ Ablations (the paper's, GoT stage; documented in :mod:`got_jax.train.tasks`):
   LM loss, one black layout canvas); the export records ``sampling_defaults: {"no_chain": true}``
   (``GoTPipeline(..., no_chain=True)`` generates no chain).
 
-Budget: <= 45 min on a 2-core CPU for both stages. The shipped weights (``got_jax/assets/demo``, recipe 2), measured
+Budget: <= 45 min on a 2-core CPU for both stages. The shipped weights (``got_jax/assets/demo``, recipe 3), measured
 with ``train.py``'s log on the 2-core dev machine (a persistent compilation cache from earlier runs; a cold one adds
-2-3 min of compiles): 42.5 min in all.
+2-3 min of compiles): 43.2 min in all.
 
 * data: 12,000 text-to-image scenes with the position task weighted 8 (7,385 position scenes, 923 of each other
   task) + 2,000 edits. A reasoner trained on the natural mix (1 position scene in 6) never learned that the
-  relation word moves the boxes (recipe 1's position plans: 0.0).
-* vae stage, 1,800 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 10.3 min;
-  held-out reconstruction 0.028 (L1, coloured pixels weighted 5x). Its VAE ceiling on shapes-GenEval (ground truth
+  relation word moves the boxes (recipe 1's position plans: 0.0). Since 3b54459 every object keeps 2 px clear of its
+  grid cell's borders and plans list objects row by row (recipe 2's data: 1 px, caption order, and greedy plans that
+  stacked every object in the centre box).
+* vae stage, 1,800 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 10.4 min;
+  held-out reconstruction 0.024 (L1, coloured pixels weighted 5x). Its VAE ceiling on shapes-GenEval (ground truth
   through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 0.972; recipe 1's 600 steps
   gave 0.667 (rounded squares, merged neighbours), which capped the image accuracy under the 0.85 target.
-* got stage, 2,400 steps at batch 16, lr 2e-3 (warmup 30, cosine): 32.2 min (8 evals, 5 sample images); held-out
-  LM 0.152, diffusion 0.0180. Shapes-GenEval: images 0.149, plans 0.972 (position 0.833), images following their
-  plan 0.910 (each object is painted in its planned box and colour, mostly as a rounded square; neighbours touch);
-  README, "The shipped demo GoT". 1,200 steps of the same recipe: plans 0.875 (position 0.25).
+* got stage, 2,400 steps at batch 16, lr 2e-3 (warmup 30, cosine): 32.9 min (8 evals, 5 sample images); held-out
+  LM 0.138, diffusion 0.0107. Shapes-GenEval: images 0.194, plans 0.819 (position 1.000, colour attribution 0.167:
+  colours swapped between the shapes), images following their plan 1.000 (each object painted in its planned box
+  and colour, mostly as a rounded square or dome that the shape detector rejects); README, "The shipped demo GoT".
+* ``data.reasoner_size`` 56 (tiny_test's): the reasoner sees an editing source as 4 image tokens; the export records
+  it (``reasoner_source_size``) and sampling uses it.
 
-The paper's ablations of recipe 2 (2,400 steps each; README): ``--config.ablation.no_layout=True`` held-out LM
-0.150, diffusion 0.0161, images 0.083, plans 1.000, follows 0.181; ``--config.ablation.no_chain=True`` diffusion
-0.0166, images 0.097.
+The paper's ablations of recipe 3 (2,400 steps each on its VAE; README): ``--config.ablation.no_layout=True`` held-out
+LM 0.141, diffusion 0.0118, images 0.194 (position 0.125), plans 0.875, follows 0.146; ``--config.ablation.no_chain=True``
+diffusion 0.0129, images 0.139.
 
 Image numbers measured before 8caa1ff (recipe 1's, and recipe 2's first ones: 0.056) went through a sampler that
-clipped x0 to [-1, 1] (the demo's scheduler config lacked SDXL's ``clip_sample: false``) and are withdrawn.
+clipped x0 to [-1, 1] (the demo's scheduler config lacked SDXL's ``clip_sample: false``) and are withdrawn. Recipe 2
+(the same commands on the data before 3b54459): images 0.149, plans 0.625 by today's overlap-checking plan score,
+follows 0.910.
 
 Recipe 1 (stop 24; data 6,000 unweighted scenes, ``--config.total_steps=600`` for the VAE and ``1200`` for the GoT):
 plans 0.806 (position 0.0: greedy boxes all land in the centre cell), VAE ceiling 0.667. Earlier tries on a VAE
