@@ -15,8 +15,9 @@ the compiled programs see one shape.
 Scoring (:mod:`got_jax.eval.geneval`): each image goes through the palette detector
 (:mod:`got_jax.eval.detect`); each generated GoT plan is read with :func:`got_jax.got.text.parse_got` into
 the same detections (class from the box phrase, colour from the box's colour). Both are scored by GenEval's
-rules against the prompt's metadata (a plan whose object boxes overlap fails: :func:`score_plan`), so plan accuracy and image accuracy sit side by side: a wrong plan
-drawn faithfully fails both; a right plan drawn wrongly fails the image only. Position follows GenEval
+rules against the prompt's metadata (a plan whose object boxes overlap fails: :func:`score_plan`), so plan
+accuracy and image accuracy sit side by side: a wrong plan drawn faithfully fails both; a right plan drawn
+wrongly fails the image only. Position follows GenEval
 (shapes and relation; colours in a position prompt are not scored). A third score, ``follows``, asks whether the
 image draws its own plan, whatever the prompt: the plan's first coloured box is painted in that colour
 (:func:`follows_plan`); it measures the spatial guidance even where the shape detector rejects the objects, and is
