@@ -30,23 +30,25 @@ Ablations (the paper's, GoT stage; documented in :mod:`got_jax.train.tasks`):
   LM loss, one black layout canvas); the export records ``sampling_defaults: {"no_chain": true}``
   (``GoTPipeline(..., no_chain=True)`` generates no chain).
 
-Budget: <= 45 min on a 2-core CPU for both stages. The shipped weights (``got_jax/assets/demo``, recipe 3), measured
+Budget: <= 45 min on a 2-core CPU for both stages. The shipped weights (``got_jax/assets/demo``, recipe 4), measured
 with ``train.py``'s log on the 2-core dev machine (a persistent compilation cache from earlier runs; a cold one adds
-2-3 min of compiles): 43.2 min in all.
+2-3 min of compiles): 43.9 min in all (recipe 3's log, on a busier day: 10.4 min for the same VAE stage).
 
 * data: 12,000 text-to-image scenes with the position task weighted 8 (7,385 position scenes, 923 of each other
   task) + 2,000 edits. A reasoner trained on the natural mix (1 position scene in 6) never learned that the
   relation word moves the boxes (recipe 1's position plans: 0.0). Since 3b54459 every object keeps 2 px clear of its
   grid cell's borders and plans list objects row by row (recipe 2's data: 1 px, caption order, and greedy plans that
   stacked every object in the centre box).
-* vae stage, 1,800 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 10.4 min;
-  held-out reconstruction 0.024 (L1, coloured pixels weighted 5x). Its VAE ceiling on shapes-GenEval (ground truth
-  through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 0.972; recipe 1's 600 steps
+* vae stage, 1,800 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 7.5 min;
+  held-out reconstruction 0.025 (L1, coloured pixels weighted 5x). Its VAE ceiling on shapes-GenEval (ground truth
+  through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 1.000 (recipe 3's: 0.972); recipe 1's 600 steps
   gave 0.667 (rounded squares, merged neighbours), which capped the image accuracy under the 0.85 target.
-* got stage, 2,400 steps at batch 16, lr 2e-3 (warmup 30, cosine): 32.9 min (8 evals, 5 sample images); held-out
-  LM 0.138, diffusion 0.0107. Shapes-GenEval: images 0.194, plans 0.819 (position 1.000, colour attribution 0.167:
+* got stage, 3,600 steps at batch 16, lr 2e-3 (warmup 30, cosine): 36.4 min (12 evals, 8 sample images); held-out
+  LM 0.130, diffusion 0.0079. Shapes-GenEval: images 0.392, plans 0.861 (position 1.000, colour attribution 0.167:
   colours swapped between the shapes), images following their plan 1.000 (each object painted in its planned box
-  and colour, mostly as a rounded square or dome that the shape detector rejects); README, "The shipped demo GoT".
+  and colour; in most failed position images the two shapes are swapped between the boxes); README, "The shipped
+  demo GoT". Recipe 3 (2,400 steps, 32.9 min): LM 0.138, diffusion 0.0107, images 0.194 (boxes filled as rounded
+  squares and domes), plans 0.819.
 * ``data.reasoner_size`` 56 (tiny_test's): the reasoner sees an editing source as 4 image tokens; the export records
   it (``reasoner_source_size``) and sampling uses it.
 
@@ -76,7 +78,7 @@ from ml_collections.config_dict import placeholder
 from configs import tiny_test
 
 VAE_STEPS = 1800  # see the budget in the docstring
-GOT_STEPS = 2400
+GOT_STEPS = 3600
 
 
 def get_config() -> ml_collections.ConfigDict:
