@@ -52,9 +52,10 @@ with ``train.py``'s log on the 2-core dev machine (a persistent compilation cach
 * ``data.reasoner_size`` 56 (tiny_test's): the reasoner sees an editing source as 4 image tokens; the export records
   it (``reasoner_source_size``) and sampling uses it.
 
-The paper's ablations of recipe 3 (2,400 steps each on its VAE; README): ``--config.ablation.no_layout=True`` held-out
-LM 0.141, diffusion 0.0118, images 0.194 (position 0.125), plans 0.875, follows 0.146; ``--config.ablation.no_chain=True``
-diffusion 0.0129, images 0.139.
+The paper's ablations (README): ``--config.ablation.no_layout=True`` on recipe 4 (3,600 steps on its VAE): held-out LM
+0.135, diffusion 0.0094, images 0.205 (the full GoT: 0.392; two objects 0.104, colours 0.500), plans 0.847, follows
+0.184. ``--config.ablation.no_chain=True`` on recipe 3 (2,400 steps): diffusion 0.0129, images 0.139; at 2,400 steps
+no layout had tied the full GoT (0.194 each).
 
 Image numbers measured before 8caa1ff (recipe 1's, and recipe 2's first ones: 0.056) went through a sampler that
 clipped x0 to [-1, 1] (the demo's scheduler config lacked SDXL's ``clip_sample: false``) and are withdrawn. Recipe 2
