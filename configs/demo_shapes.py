@@ -54,8 +54,8 @@ with ``train.py``'s log on the 2-core dev machine (a persistent compilation cach
 
 The paper's ablations (README): ``--config.ablation.no_layout=True`` on recipe 4 (3,600 steps on its VAE): held-out LM
 0.135, diffusion 0.0094, images 0.205 (the full GoT: 0.392; two objects 0.104, colours 0.500), plans 0.847, follows
-0.184. ``--config.ablation.no_chain=True`` on recipe 3 (2,400 steps): diffusion 0.0129, images 0.139; at 2,400 steps
-no layout had tied the full GoT (0.194 each).
+0.184. ``--config.ablation.no_chain=True`` on recipe 4: diffusion 0.0108, images 0.125 (colours 0.104). At 2,400 steps
+(recipe 3) no layout had tied the full GoT (0.194 each) and no chain scored 0.139.
 
 Image numbers measured before 8caa1ff (recipe 1's, and recipe 2's first ones: 0.056) went through a sampler that
 clipped x0 to [-1, 1] (the demo's scheduler config lacked SDXL's ``clip_sample: false``) and are withdrawn. Recipe 2
