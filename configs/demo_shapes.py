@@ -41,8 +41,9 @@ with ``train.py``'s log on the 2-core dev machine (a persistent compilation cach
   stacked every object in the centre box).
 * vae stage, 1,800 steps at batch 4 (+ editing sources + one layout canvas per example), lr 3e-3: 7.5 min;
   held-out reconstruction 0.025 (L1, coloured pixels weighted 5x). Its VAE ceiling on shapes-GenEval (ground truth
-  through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 1.000 (recipe 3's: 0.972); recipe 1's 600 steps
-  gave 0.667 (rounded squares, merged neighbours), which capped the image accuracy under the 0.85 target.
+  through the VAE, scored like images: ``got_jax.eval.shapes.vae_round_trips``) is 1.000 (recipe 3's: 0.972);
+  recipe 1's 600 steps gave 0.667 (rounded squares, merged neighbours), which capped the image accuracy under the
+  0.85 target.
 * got stage, 3,600 steps at batch 16, lr 2e-3 (warmup 30, cosine): 36.4 min (12 evals, 8 sample images); held-out
   LM 0.130, diffusion 0.0079. Shapes-GenEval: images 0.392, plans 0.861 (position 1.000, colour attribution 0.167:
   colours swapped between the shapes), images following their plan 1.000 (each object painted in its planned box
