@@ -63,6 +63,9 @@ clipped x0 to [-1, 1] (the demo's scheduler config lacked SDXL's ``clip_sample: 
 (the same commands on the data before 3b54459): images 0.149, plans 0.625 by today's overlap-checking plan score,
 follows 0.910.
 
+Recipe 5's try, not shipped (``configs/demo_shapes_xattr16.py``: cross-attention also in the UNet's last up block,
+2,900 GoT steps): images 0.191, diffusion 0.0088; the shipped recipe 4 keeps the demo UNet.
+
 Recipe 1 (stop 24; data 6,000 unweighted scenes, ``--config.total_steps=600`` for the VAE and ``1200`` for the GoT):
 plans 0.806 (position 0.0: greedy boxes all land in the centre cell), VAE ceiling 0.667. Earlier tries on a VAE
 without layout canvases: lr 3e-4 x 600 steps (LM 2.37, no plan), lr 1e-3 x 600 (LM 0.53), lr 2e-3 x 900 (LM 0.20,
@@ -104,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.demo_hidden = 64
     c.model.demo_vae_blocks = 3  # (16, 16, 32): 64 px -> 16x16 latents
     c.model.lora_rank = 0  # the small reasoner is trained fully
+    # diffusers UNet config keys replacing got_jax.got.demo's (configs/demo_shapes_xattr16.py: recipe 5's try)
+    c.model.demo_unet = ml_collections.ConfigDict()
     c.model.vae_from = ""  # GoT stage: the vae stage's workdir
 
     c.vae = ml_collections.ConfigDict()

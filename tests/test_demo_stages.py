@@ -167,6 +167,22 @@ def test_vae_from_mismatch_is_a_config_error(tmp_path):
         setup.got_config(c, load_tokenizer())
 
 
+def test_demo_unet_overrides_reach_the_unet_config_and_unknown_keys_are_errors():
+    from configs import demo_shapes_xattr16  # noqa: PLC0415
+
+    tok = load_tokenizer()
+    plain = setup.got_config(setup.resolve(tiny("got", "", 0)), tok)["unet"]
+    assert plain["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D"]  # the shipped demo's UNet
+    xattr = demo_shapes_xattr16.get_config().model.demo_unet.to_dict()
+    c = setup.resolve(tiny("got", "", 0, **{"model.demo_unet": xattr}))
+    cfg = setup.got_config(c, tok)["unet"]
+    assert cfg["up_block_types"] == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]  # recipe 5's try
+    assert cfg == plain | {"up_block_types": cfg["up_block_types"]}  # nothing else changed
+    c = setup.resolve(tiny("got", "", 0, **{"model.demo_unet": {"up_blocks": ("UpBlock2D",)}}))
+    with pytest.raises(setup.ConfigError, match=r"demo_unet: unknown UNet config key\(s\) \['up_blocks'\]"):
+        setup.got_config(c, load_tokenizer())
+
+
 # ------------------------------------------------------------------------------------------ ablations
 
 

@@ -94,6 +94,24 @@ def test_unet_matches_diffusers_12ch_text_time(saved):
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, scale)
 
 
+def test_unet_matches_diffusers_cross_attention_in_last_up_block(tmp_path):
+    """Recipe 5's demo UNet (configs/demo_shapes_xattr16.py, ``model.demo_unet``): two levels, the first down
+    block without attention but both up blocks with it (the last one has no upsampler), so the up path
+    attends at full latent resolution."""
+    over = dict(block_out_channels=(24, 40), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4))
+    tm = make_torch_unet(**over)
+    tm.save_pretrained(tmp_path)
+    model = load_diffusers_checkpoint(tmp_path, "unet")
+    assert model.cfg.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    x = inputs()
+    ref = torch_out(tm, x)
+    got = ours(model, x)
+    scale = float(np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, scale)
+
+
 def test_unet_sharded_matches_unsharded(saved):
     tm, path = saved
     x = inputs()

@@ -90,6 +90,13 @@ def got_config(config, tokenizer=None) -> dict:
             cfg["vae"].update(block_out_channels=cfg["vae"]["block_out_channels"][:n],
                               down_block_types=cfg["vae"]["down_block_types"][:n],
                               up_block_types=cfg["vae"]["up_block_types"][:n])
+        overrides = config.model.get("demo_unet")  # diffusers UNet config keys replacing the demo's
+        if overrides:
+            unknown = sorted(set(overrides) - set(cfg["unet"]))
+            if unknown:
+                raise ConfigError(f"config.model.demo_unet: unknown UNet config key(s) {unknown}; "
+                                  f"known: {sorted(cfg['unet'])}")
+            cfg["unet"].update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
         if config.model.get("vae_from") and config.stage != "vae":  # the VAE stage's VAE (and its scaling factor)
             from got_jax.train import vae as V  # noqa: PLC0415
 
