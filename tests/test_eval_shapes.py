@@ -351,6 +351,10 @@ def test_cli_writes_table_json_and_contact_sheet(tiny_ckpt, tiny_pipe, tmp_path,
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", "/nonexistent", "--out", str(out), "--prompts_per_task", "97", "--tasks", "position"])
     assert "only 96 position combinations are held out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the diagnostic's prompts come from the 624 seen combinations
+        ev.main(["--ckpt", "/nonexistent", "--out", str(out), "--prompts_per_task", "625", "--tasks", "position",
+                 "--combos", "train"])
+    assert "only 624 position combinations are not held out" in capsys.readouterr().err
     for args, msg in ((["--ckpt", str(tmp_path / "none")], "--ckpt: "), (["--ckpt", str(tiny_ckpt), "--size", "40"],
                                                                          "--size 40: must be a positive multiple of 16")):
         with pytest.raises(SystemExit):

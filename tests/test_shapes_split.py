@@ -132,3 +132,24 @@ def test_too_many_held_out_prompts_is_an_error():
         shapes.eval_prompts("position", 97)
     with pytest.raises(ValueError, match="unknown task 'spatial'"):
         shapes.eval_prompts("spatial", 1)
+
+
+@pytest.mark.parametrize("task", ["position", "color_attr"])
+def test_train_combination_prompts_are_seen_combinations_and_fixed(task):
+    """``combos="train"`` (the compositional-generalisation diagnostic): prompts of combinations that are not
+    held out, each scene realising its own combination, deterministic, different from the benchmark's."""
+    held = set(shapes.held_out()[task])
+    combos = shapes.train_combinations(task)
+    assert len(combos) == len(set(combos)) == {"position": 4 * 180 - 96, "color_attr": 180 - 30}[task]
+    assert not held & set(combos)
+    prompts = shapes.eval_prompts(task, 40, 64, combos="train")
+    pat = (r"a photo of an? (\w+) (\w+) (left of|right of|above|below) an? (\w+) (\w+)" if task == "position"
+           else r"a photo of an? (\w+) (\w+) and an? (\w+) (\w+)")
+    got = [re.fullmatch(pat, p["prompt"]).groups() for p in prompts]
+    assert len(set(got)) == 40 and all(g in set(combos) for g in got)
+    for g, p in zip(got, prompts):
+        assert g in shapes.scene_combinations(p["objects"], 64)  # the ground truth realises the prompt
+    assert [p["prompt"] for p in shapes.eval_prompts(task, 40, 64, combos="train")] == [p["prompt"] for p in prompts]
+    assert [p["prompt"] for p in shapes.eval_prompts(task, 4, 64)] != [p["prompt"] for p in prompts[:4]]
+    with pytest.raises(ValueError, match=r"combos='seen'; expected one of \('held_out', 'train'\)"):
+        shapes.eval_prompts(task, 1, 64, combos="seen")

@@ -394,25 +394,54 @@ def _eval_scene(rng, task: str, spec: dict, size: int) -> tuple[str, list[ShapeO
     return _position_caption("geneval", 1, c1, s1, rel, c2, s2), _place_relation(rng, rel, 1, (s1, c1), (s2, c2), size)
 
 
-def eval_prompts(task: str, n: int, size: int = 64) -> list[dict]:
+COMBOS = ("held_out", "train")  # which position / colour-attribution combinations eval_prompts draws from
+
+
+def train_combinations(task: str) -> list[tuple]:
+    """The position (c1, s1, relation, c2, s2) or colour-attribution (c1, s1, c2, s2) combinations that are *not*
+    held out, i.e. the ones training scenes may realise (with 12,000 scenes nearly all of them do)."""
+    pos, ca = _held_sets()
+    if task == "position":
+        return [(c1, s1, rel, c2, s2) for c1, s1, c2, s2 in _attribute_pairs() for rel in _CELL_RELATIONS
+                if (c1, s1, rel, c2, s2) not in pos]
+    if task == "color_attr":
+        return [c for c in _attribute_pairs() if c not in ca]
+    raise ValueError(f"train_combinations: {task!r} has no combinations; expected position or color_attr")
+
+
+def eval_prompts(task: str, n: int, size: int = 64, combos: str = "held_out") -> list[dict]:
     """``n`` evaluation prompts of ``task`` in GenEval's phrasing: ``{"task", "index", "prompt", "metadata",
     "objects"}`` where ``objects`` is a ground-truth scene of the prompt (drawn from the evaluation rng stream,
     which training never uses). Position and colour-attribution prompts are the held-out combinations (in
     :func:`held_out` order; asking for more than there are is an error); the small tasks cycle through their
-    few possible prompts in a fixed shuffled order."""
+    few possible prompts in a fixed shuffled order.
+
+    ``combos="train"`` (a diagnostic, not the benchmark) draws position and colour-attribution prompts from the
+    combinations training may realise instead (:func:`train_combinations`, a fixed shuffled order, fresh
+    evaluation-stream scenes): the gap to the held-out score is what compositional generalisation costs. The
+    small tasks are the same either way."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if combos not in COMBOS:
+        raise ValueError(f"combos={combos!r}; expected one of {COMBOS}")
     space = _eval_spaces()[task]
-    if task in ("position", "color_attr"):
+    stream = [EVAL_SEED, EVAL_STREAM, TASKS.index(task)]
+    if task in ("position", "color_attr") and combos == "train":
+        space = [{"combo": c} for c in train_combinations(task)]
+        stream = stream + [COMBOS.index(combos)]
+        order = [int(i) for i in np.random.default_rng(stream).permutation(len(space))]
+        if n > len(space):
+            raise ValueError(f"{n} {task} prompts asked for, but only {len(space)} combinations are not held out")
+    elif task in ("position", "color_attr"):
         if n > len(space):
             raise ValueError(f"{n} {task} prompts asked for, but only {len(space)} combinations are held out")
         order = list(range(len(space)))
     else:
-        order = [int(i) for i in np.random.default_rng([EVAL_SEED, EVAL_STREAM, TASKS.index(task)]).permutation(len(space))]
+        order = [int(i) for i in np.random.default_rng(stream).permutation(len(space))]
     out = []
     for i in range(n):
         spec = space[order[i % len(order)]]
-        rng = np.random.default_rng([EVAL_SEED, EVAL_STREAM, TASKS.index(task), i])
+        rng = np.random.default_rng(stream + [i])
         caption, objs = _eval_scene(rng, task, spec, size)
         out.append({"task": task, "index": i, "prompt": caption, "metadata": geneval_metadata(task, spec), "objects": objs})
     return out
