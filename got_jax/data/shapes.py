@@ -394,7 +394,8 @@ def _eval_scene(rng, task: str, spec: dict, size: int) -> tuple[str, list[ShapeO
     return _position_caption("geneval", 1, c1, s1, rel, c2, s2), _place_relation(rng, rel, 1, (s1, c1), (s2, c2), size)
 
 
-COMBOS = ("held_out", "train")  # which position / colour-attribution combinations eval_prompts draws from
+# which position / colour-attribution combinations eval_prompts draws from, and how an error names them
+COMBOS = {"held_out": "are held out", "train": "are not held out"}
 
 
 def train_combinations(task: str) -> list[tuple]:
@@ -407,6 +408,11 @@ def train_combinations(task: str) -> list[tuple]:
     if task == "color_attr":
         return [c for c in _attribute_pairs() if c not in ca]
     raise ValueError(f"train_combinations: {task!r} has no combinations; expected position or color_attr")
+
+
+def combinations(task: str, combos: str = "held_out") -> list[tuple]:
+    """The position or colour-attribution combinations :func:`eval_prompts` draws ``combos`` prompts from."""
+    return list(held_out()[task]) if combos == "held_out" else train_combinations(task)
 
 
 def eval_prompts(task: str, n: int, size: int = 64, combos: str = "held_out") -> list[dict]:
@@ -423,20 +429,19 @@ def eval_prompts(task: str, n: int, size: int = 64, combos: str = "held_out") ->
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if combos not in COMBOS:
-        raise ValueError(f"combos={combos!r}; expected one of {COMBOS}")
+        raise ValueError(f"combos={combos!r}; expected one of {tuple(COMBOS)}")
     space = _eval_spaces()[task]
     stream = [EVAL_SEED, EVAL_STREAM, TASKS.index(task)]
-    if task in ("position", "color_attr") and combos == "train":
-        space = [{"combo": c} for c in train_combinations(task)]
-        stream = stream + [COMBOS.index(combos)]
-        order = [int(i) for i in np.random.default_rng(stream).permutation(len(space))]
+    order = None
+    if task in ("position", "color_attr"):
+        space = [{"combo": c} for c in combinations(task, combos)]
         if n > len(space):
-            raise ValueError(f"{n} {task} prompts asked for, but only {len(space)} combinations are not held out")
-    elif task in ("position", "color_attr"):
-        if n > len(space):
-            raise ValueError(f"{n} {task} prompts asked for, but only {len(space)} combinations are held out")
-        order = list(range(len(space)))
-    else:
+            raise ValueError(f"{n} {task} prompts asked for, but only {len(space)} combinations {COMBOS[combos]}")
+        if combos == "held_out":
+            order = list(range(len(space)))  # held_out() order
+        else:
+            stream = stream + [1]  # the diagnostic's own order and scenes
+    if order is None:
         order = [int(i) for i in np.random.default_rng(stream).permutation(len(space))]
     out = []
     for i in range(n):

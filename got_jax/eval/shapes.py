@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated subset of " + ",".join(shapes.TASKS))
     p.add_argument("--no_layout", action="store_true", help="zero the layout latents at sampling (ablation)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--combos", default=d.combos, choices=shapes.COMBOS,
+    p.add_argument("--combos", default=d.combos, choices=tuple(shapes.COMBOS),
                    help="position / colour-attribution prompts from the held-out combinations (the benchmark) or "
                    "from those training may realise ('train': a diagnostic of compositional generalisation)")
     a = p.parse_args(argv)
@@ -394,10 +394,9 @@ def main(argv=None) -> dict:
     if unknown:  # before the model loads
         p.error(f"--tasks: unknown task(s) {unknown}; expected some of {','.join(shapes.TASKS)}")
     for t in ("position", "color_attr"):
-        held = len(shapes.held_out()[t]) if a.combos == "held_out" else len(shapes.train_combinations(t))
-        if t in tasks and a.prompts_per_task > held:
-            which = "are held out" if a.combos == "held_out" else "are not held out"
-            p.error(f"--prompts_per_task {a.prompts_per_task}: only {held} {t} combinations {which}")
+        have = len(shapes.combinations(t, a.combos))
+        if t in tasks and a.prompts_per_task > have:
+            p.error(f"--prompts_per_task {a.prompts_per_task}: only {have} {t} combinations {shapes.COMBOS[a.combos]}")
     defaults = _check_folder(p, a.ckpt, a.size)
     settings = dataclasses.replace(settings, no_layout=a.no_layout or bool(defaults.get("zero_layout")),
                                    no_chain=bool(defaults.get("no_chain")))
