@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.cond_dropout_prob = 0.05
     c.loss.vocab_chunk = 0  # 0 = whole-vocabulary logits
     c.loss.vae_encode_passes = 0  # frozen-VAE encodes of target / reference images: 0 = the whole batch at once
+    c.loss.cache_latents = False  # encode each example once, keep its latents on the host (got_jax/train/latent_cache.py)
+    c.loss.cache_latents_max_gib = 4.0  # host memory for them; past it new examples are encoded each visit
 
     c.data = ml_collections.ConfigDict()
     c.data.sources = ""  # e.g. "file:/tmp/shapes/annotations/generation.jsonl@shapes" (see configs/data_mixtures.py)

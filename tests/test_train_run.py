@@ -220,6 +220,24 @@ def test_kill9_right_after_checkpoint_then_resume_is_bit_identical_until_sigterm
         assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
 
 
+@pytest.mark.slow
+def test_cached_latents_run_matches_the_uncached_run_and_resumes_exactly(env, uninterrupted):
+    """``loss.cache_latents`` on U's config: U's losses (the cached latents are U's in-step encodes up to float32
+    rounding, so rtol 1e-5), and a cached run stopped at step 3 and resumed - with an empty cache, so every latent
+    is encoded again, in other chunks - continues with exactly the cached run's losses."""
+    cached = {"loss.cache_latents": True}
+    c = _fresh(env, "C")
+    assert _in_process(c, env, **cached)["step"] == STEPS
+    _close(_losses(c), _losses(uninterrupted), range(1, STEPS + 1), rtol=1e-5)
+    r = _fresh(env, "CR")
+    assert _in_process(r, env, stop_at_step=3, **cached)["step"] == 3
+    out = _in_process(r, env, **cached)
+    assert out["start"] == 3 and out["step"] == STEPS
+    got, want = _losses(r), _losses(c)
+    for s in range(4, STEPS + 1):
+        assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -36,6 +36,7 @@ from got_jax.models.options import ModelOptions
 from got_jax.models.qwen2_5_vl.lora import materialize
 from got_jax.train import losses
 from got_jax.train import step as S
+from got_jax.train.latent_cache import LatentCache
 from got_jax.train.trainable import frozen_filter, trainable_filter
 
 pytestmark = pytest.mark.slow
@@ -143,6 +144,19 @@ def test_t2i_step_matches_pytorch(t2i):
 def test_editing_step_matches_pytorch(edit):
     assert edit.prepared["inputs"].pixel_values is not None  # the vision tower and image M-RoPE are in play
     _check_parity(edit)
+
+
+@pytest.mark.parametrize("name", ["t2i", "edit"])
+def test_step_on_cached_latents_matches_pytorch(name, request):
+    """``loss.cache_latents``: the same step with the frozen-VAE encodes done beforehand by
+    :class:`got_jax.train.latent_cache.LatentCache` (the step skips them) against the same PyTorch step."""
+    case = request.getfixturevalue(name)
+    model = nnx.merge(case.graphdef, case.fresh_state()).model
+    cached = LatentCache(model).attach(case.batch)
+    prepared = S.prepare_batch(cached, model.config.reasoner)
+    assert "target_image" not in prepared["images"]
+    after, metrics = case.step(case.fresh_state(), prepared, jax.random.key(0), _stacked(case.draws))
+    _check_parity(dataclasses.replace(case, metrics=jax.device_get(metrics), after=after))
 
 
 def test_optimizer_holds_only_trainable_parameters(edit):

@@ -188,8 +188,13 @@ def conditioning_latents(model, batch: Mapping[str, Any], encode_passes: int = 0
     reference for T2I); ``layout_canvases`` (B, K, H, W, 3) uint8 or [-1, 1] with ``layout_mask`` (B, K).
     ``encode_passes`` (``LossConfig.vae_encode_passes``): target and reference images go through the VAE in
     that many passes (:func:`in_passes`; 0: one), which bounds the encodes' memory; layout canvases always go
-    one at a time (:meth:`GoT.layout_latents`).
+    one at a time (:meth:`GoT.layout_latents`). A batch that carries ``target_latents`` / ``reference_latents`` /
+    ``layout_latents`` (from :class:`got_jax.train.latent_cache.LatentCache`: these encodes, done once per example
+    on the host) is not encoded again.
     """
+    if "target_latents" in batch:
+        return tuple(jax.lax.stop_gradient(jnp.asarray(batch[k], jnp.float32))
+                     for k in ("target_latents", "reference_latents", "layout_latents"))
     vae_cfg = model.config.vae
     target = in_passes(lambda im: model.vae.encode(im.astype(model.dtype)).mean, batch["target_image"],
                        encode_passes) * vae_cfg.scaling_factor

@@ -319,5 +319,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, Any]:
     elapsed = time.time() - t0
     log.info("stopped at step %d (%s) after %.1fs; data: %s", step, "preempted" if preempted else "done", elapsed,
              {k: loaders[k].metrics() for k in kinds})
+    if getattr(task, "cache", None) is not None:
+        log.info("latent cache: %s", task.cache.stats())
     return {"step": step, "start": start, "preempted": preempted, "eval": last_eval, "params": counts,
             "checkpoints": list(mgr.all_steps()), "graphdef": step_fn.graphdef, "state": state}

@@ -7,7 +7,8 @@
   optimizer state holds only trainable parameters; float32 master weights, compute dtype from the
   model's options).
 * :func:`prepare_batch` (host): a pipeline batch -> ``grad_accum`` stacked microbatches of reasoner
-  inputs (:func:`got_jax.train.batch.reasoner_inputs`) and image fields.
+  inputs (:func:`got_jax.train.batch.reasoner_inputs`) and image fields (or, from
+  :class:`got_jax.train.latent_cache.LatentCache`, the latents of those images).
 * :class:`TrainStep`: ``jax.jit`` of the pure ``(state, batch, key, draws) -> (state, metrics)``
   with explicit in / out shardings on a ``(data, fsdp, tensor)`` mesh (parameters and optimizer
   state by their logical axis names and the rules; batch over ``data`` x ``fsdp``) and the state
@@ -35,6 +36,8 @@ from got_jax.train import losses
 from got_jax.train.batch import reasoner_inputs
 
 IMAGE_KEYS = ("target_image", "reference_image", "layout_canvases", "layout_mask", "time_ids")
+# a batch whose frozen-VAE encodes were done on the host (got_jax.train.latent_cache)
+LATENT_KEYS = ("target_latents", "reference_latents", "layout_latents", "time_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +107,26 @@ def prepare_batch(batch: Mapping[str, Any], reasoner_cfg, grad_accum: int = 1,
     micro = []
     for i in range(grad_accum):
         part = {k: np.asarray(v)[i * m:(i + 1) * m] for k, v in batch.items()}
-        missing = [k for k in IMAGE_KEYS if k not in part]
+        keys = LATENT_KEYS if "target_latents" in part else IMAGE_KEYS
+        missing = [k for k in keys if k not in part]
         if missing:
             raise KeyError(f"training batch lacks {missing} (keys: {sorted(batch)}); see got_jax/data/pipeline.py")
         micro.append({"inputs": reasoner_inputs(part, reasoner_cfg, num_query_tokens),
-                      "images": {k: part[k] for k in IMAGE_KEYS}})
+                      "images": {k: part[k] for k in keys}})
     return jax.tree.map(lambda *xs: np.stack(xs), *micro)
 
 
 def draws_for(key: jax.Array, prepared: Mapping[str, Any], model, schedule: TrainSchedule,
               cfg: losses.LossConfig) -> losses.Draws:
     """Draws for every microbatch of ``prepared``: microbatch ``i`` from ``fold_in(key, i)`` (jit-able)."""
-    accum, b, h, w = prepared["images"]["target_image"].shape[:4]
-    f = model.vae_scale
-    shape = (b, h // f, w // f, model.latent_channels)
+    images = prepared["images"]
+    if "target_latents" in images:
+        shape = tuple(images["target_latents"].shape[1:])
+        accum = images["target_latents"].shape[0]
+    else:
+        accum, b, h, w = images["target_image"].shape[:4]
+        f = model.vae_scale
+        shape = (b, h // f, w // f, model.latent_channels)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(accum))
     return jax.vmap(lambda k: losses.draw(k, shape, schedule.num_train_timesteps, cfg))(keys)
 

@@ -10,7 +10,9 @@
 
 :class:`GoTTask` (stages ``tiny``/``demo``/``got``/``pretrain``/...) is GoT's recipe (:mod:`got_jax.train.losses`),
 with the ablation switches of ``config.ablation`` (``no_layout``: layout latents zeroed in every training
-example; ``no_chain``: the chain cut out of every row by :func:`got_jax.train.batch.drop_chain`).
+example; ``no_chain``: the chain cut out of every row by :func:`got_jax.train.batch.drop_chain`); with
+``config.loss.cache_latents`` the frozen-VAE encodes are done once per example on the host
+(:mod:`got_jax.train.latent_cache`).
 :class:`VAETask` (``config.stage="vae"``) trains GoT's AutoencoderKL alone (:mod:`got_jax.train.vae`). Both read
 the same Grain batches, so data, checkpoints, resume, metrics and evals are the run loop's.
 """
@@ -79,6 +81,7 @@ class GoTTask:
         self.trainable, self.frozen = trainable_filter(options), frozen_filter(options)
         self.ablation = ablation(config)
         self.loss_cfg = loss_config(config)
+        self.cache = None  # loss.cache_latents: a LatentCache, made with the step
 
     def initial_model(self, mesh, rules):
         from got_jax.train import setup  # noqa: PLC0415
@@ -97,6 +100,12 @@ class GoTTask:
     def make_step(self, model, optim_cfg: OptimConfig, mesh, rules):
         from got_jax.diffusion.schedulers import TrainSchedule  # noqa: PLC0415
 
+        lc = self.config.loss
+        if lc.get("cache_latents"):  # before the state is donated: the cache keeps its own copy of the VAE
+            from got_jax.train.latent_cache import LatentCache  # noqa: PLC0415
+
+            self.cache = LatentCache(model, max_bytes=int(float(lc.get("cache_latents_max_gib", 4.0)) * 2**30),
+                                     encode_passes=int(lc.get("vae_encode_passes", 0) or 0))
         return TrainStep.create(TrainState(model, make_tx(optim_cfg), self.trainable),
                                 schedule=TrainSchedule.from_config(self.got_cfg["scheduler"]), loss_cfg=self.loss_cfg,
                                 optim_cfg=optim_cfg, mesh=mesh, rules=rules, draws_fn=self.draws)
@@ -106,6 +115,8 @@ class GoTTask:
             from got_jax.train.batch import drop_chain  # noqa: PLC0415
 
             batch = drop_chain(batch)
+        if self.cache is not None:
+            batch = self.cache.attach(batch)
         return prepare_batch(batch, self.reasoner_cfg, grad_accum)
 
     def eval_metrics(self, step_fn: TrainStep, model, prepared, key):
