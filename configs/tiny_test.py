@@ -11,6 +11,7 @@ Orbax checkpoint every 2 steps in ``<workdir>/checkpoints``, TensorBoard events 
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import sharding_rules
 
@@ -86,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.num_inference_steps = 2
     c.sample.max_new_tokens = 8
     c.sample.scale = 4
+    # guidance scales of the training-time samples, recorded by an export as sampling_defaults (None: the paper's)
+    c.sample.guidance_scale = placeholder(float)
+    c.sample.layout_guidance_scale = placeholder(float)
+    c.sample.image_guidance_scale = placeholder(float)
 
     c.log_every = 1
     c.save_every = 2

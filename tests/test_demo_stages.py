@@ -255,6 +255,9 @@ def test_no_layout_zeroes_every_layout_latent(tok):
                           setup.model_options(c))
     assert not bool(jnp.any(plain.draws(jax.random.key(0), prepared, model, _schedule(cfg), plain.loss_cfg).drop_layout))
     assert tasks.sampling_defaults(c) == {"zero_layout": True}
+    # guidance scales set in config.sample go with the export (None: the paper's, nothing recorded)
+    tuned = setup.resolve(tiny("got", "", 0, **{"sample.guidance_scale": 1.5, "sample.layout_guidance_scale": 2.0}))
+    assert tasks.sampling_defaults(tuned) == {"guidance_scale": 1.5, "layout_guidance_scale": 2.0}
 
 
 def _schedule(cfg):

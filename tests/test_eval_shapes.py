@@ -394,3 +394,38 @@ def test_ablation_folder_is_sampled_with_its_sampling_defaults(tiny_ckpt, tmp_pa
     res = ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "p"), "--prompts_per_task", "1",
                    "--images_per_prompt", "1", "--size", "32", "--batch_size", "6"])
     assert calls[-1]["no_chain"] is False and calls[-1]["zero_layout"] is False
+
+
+def test_guidance_scales_come_from_the_flags_else_the_folder_else_the_paper(tiny_ckpt, tmp_path, monkeypatch):
+    """An export records the guidance scales its config chose (``sampling_defaults``); the CLI samples with them
+    unless a flag overrides one, and a folder without them gets the paper's T2I values (g 7.5, c 4.0, i 1.0).
+    ``sample.py``'s demo defaults (``configs/sample_demo.py``) read the same record."""
+    import shutil
+    import types
+
+    from configs import sample_demo
+
+    folder = tmp_path / "tuned"
+    shutil.copytree(tiny_ckpt, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, sampling_defaults={"guidance_scale": 1.5,
+                                                                                 "layout_guidance_scale": 2.0})))
+    calls = []
+
+    def fake_pipe(prompts, **kw):
+        calls.append(kw)
+        return types.SimpleNamespace(images=[Image.new("RGB", (32, 32), "white")] * len(prompts),
+                                     got_texts=["<|im_gen_start|>"] * len(prompts))
+
+    fake_pipe.model = _StubVAEModel()
+    monkeypatch.setattr(ev, "load_pipeline", lambda ckpt, dtype: fake_pipe)
+    args = ["--prompts_per_task", "1", "--images_per_prompt", "1", "--size", "32", "--batch_size", "6",
+            "--tasks", "single_object"]
+    scales = lambda kw: tuple(kw[k] for k in ev.GUIDANCE)  # noqa: E731
+    for i, (extra, want) in enumerate(((["--ckpt", str(folder)], (1.5, 2.0, 1.0)),
+                                       (["--ckpt", str(folder), "--guidance_scale", "3"], (3.0, 2.0, 1.0)),
+                                       (["--ckpt", str(tiny_ckpt)], (7.5, 4.0, 1.0)))):
+        res = ev.main(args + extra + ["--out", str(tmp_path / f"o{i}")])
+        assert scales(calls[-1]) == want and scales(res["settings"]) == want, (extra, scales(calls[-1]))
+    assert sample_demo.demo_guidance(str(folder)) == {"guidance_scale": 1.5, "layout_guidance_scale": 2.0}
+    assert sample_demo.demo_guidance(str(tiny_ckpt)) == {} and sample_demo.demo_guidance(str(tmp_path / "x")) == {}

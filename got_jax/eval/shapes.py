@@ -34,7 +34,10 @@ VAE round trip),
 image with the plan's boxes, prompt, reasons), and prints the table. ``--no_layout`` samples with zeroed
 layout latents (the paper's "no spatial guidance" ablation). A folder exported from an ablation run
 (``configs/demo_shapes.py``'s ``ablation.*``) records its ``sampling_defaults`` in config.json and is sampled
-with them (``zero_layout``: as ``--no_layout``; ``no_chain``: no chain is generated, so its plan accuracy is 0).
+with them (``zero_layout``: as ``--no_layout``; ``no_chain``: no chain is generated, so its plan accuracy is 0), and
+so are the guidance scales an export records there (``configs/demo_shapes.py``'s ``sample.*_guidance_scale``);
+``--guidance_scale`` / ``--layout_guidance_scale`` / ``--image_guidance_scale`` override them, and a folder
+without them is sampled with the paper's T2I values (g 7.5, c 4.0, i 1.0).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from got_jax.sampling.runner import atomic_write
 
 _SHAPE_WORD = re.compile(r"\b(" + "|".join(shapes.SHAPES) + r")s?\b")
 _COLOR_WORD = re.compile(r"\b(" + "|".join(shapes.COLORS) + r")\b")
+GUIDANCE = ("guidance_scale", "layout_guidance_scale", "image_guidance_scale")
 TILE = 192  # contact-sheet image side (images are upscaled, nearest)
 
 
@@ -365,9 +369,9 @@ def main(argv=None) -> dict:
     p.add_argument("--images_per_prompt", type=int, default=d.images_per_prompt)
     p.add_argument("--size", type=int, default=d.size, help="image side in pixels")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--guidance_scale", type=float, default=d.guidance_scale)
-    p.add_argument("--layout_guidance_scale", type=float, default=d.layout_guidance_scale)
-    p.add_argument("--image_guidance_scale", type=float, default=d.image_guidance_scale)
+    for name in GUIDANCE:  # default: the folder's sampling_defaults, else the paper's (Settings)
+        p.add_argument(f"--{name}", type=float, default=None,
+                       help=f"default: the checkpoint's config.json sampling_defaults, else {getattr(d, name)}")
     p.add_argument("--scheduler", default=d.scheduler)
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -386,8 +390,7 @@ def main(argv=None) -> dict:
         a.ckpt = DEMO_DIR
     tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip())
     settings = Settings(prompts_per_task=a.prompts_per_task, images_per_prompt=a.images_per_prompt, size=a.size,
-                        steps=a.steps, guidance_scale=a.guidance_scale, layout_guidance_scale=a.layout_guidance_scale,
-                        image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler,
+                        steps=a.steps, scheduler=a.scheduler,
                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
                         seed=a.seed, no_layout=a.no_layout, tasks=tasks, combos=a.combos)
     unknown = [t for t in tasks if t not in shapes.TASKS]
@@ -399,14 +402,23 @@ def main(argv=None) -> dict:
             p.error(f"--prompts_per_task {a.prompts_per_task}: only {have} {t} combinations {shapes.COMBOS[a.combos]}")
     defaults = _check_folder(p, a.ckpt, a.size)
     settings = dataclasses.replace(settings, no_layout=a.no_layout or bool(defaults.get("zero_layout")),
-                                   no_chain=bool(defaults.get("no_chain")))
+                                   no_chain=bool(defaults.get("no_chain")), **guidance(defaults, vars(a)))
     pipe = load_pipeline(a.ckpt, a.dtype)
     return run(pipe, a.out, settings, ckpt=a.ckpt)
 
 
+def guidance(defaults: dict, given: dict | None = None) -> dict[str, float]:
+    """The three guidance scales: ``given`` (command-line values, None = not given), else the checkpoint's
+    ``sampling_defaults`` (``defaults``), else :class:`Settings`' (the paper's T2I values)."""
+    given = given or {}
+    return {k: float(given[k] if given.get(k) is not None else defaults.get(k, getattr(Settings, k)))
+            for k in GUIDANCE}
+
+
 def _check_folder(parser, ckpt: str, size: int) -> dict:
     """Before the model loads: the folder is a converted one and ``size`` is a multiple of its VAE factor x UNet
-    down-sampling. Returns the folder's ``sampling_defaults`` (an ablation export's)."""
+    down-sampling. Returns the folder's ``sampling_defaults`` (an ablation export's flags, an export's guidance
+    scales)."""
     from got_jax.checkpoint.errors import CheckpointError  # noqa: PLC0415
     from got_jax.checkpoint.orbax_io import read_config  # noqa: PLC0415
 

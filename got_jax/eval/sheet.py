@@ -6,7 +6,9 @@ Rows: ``per_task`` held-out shapes-GenEval prompts of each of GenEval's six task
 prompts and seeds as ``python -m got_jax.eval.shapes``), then one editing example of each kind (recolour, move,
 add, remove) on a scene of an rng stream training never uses (seed :data:`EDIT_SEED`), with the source image
 first. Each tile: the image enlarged (nearest), the same image with the plan's boxes, and below them the
-prompt and the plan's objects (``phrase (colour) box``). Without ``--ckpt``: the shipped demo GoT.
+prompt and the plan's objects (``phrase (colour) box``). Without ``--ckpt``: the shipped demo GoT. The text-to-image
+rows use the shapes-GenEval's guidance scales (the checkpoint's ``sampling_defaults``, else the paper's); the edits
+the paper's editing values (g 4.0, c 3.0, i 1.5).
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ def grid(tiles: list[Image.Image], columns: int) -> Image.Image:
 
 
 def make_sheet(pipe, *, per_task: int = 2, size: int = 64, steps: int = 50, seed: int = 0,
-               max_new_tokens: int = 256) -> Image.Image:
-    """The picture (see the module docstring) from a loaded :class:`~got_jax.got.pipeline.GoTPipeline`."""
+               max_new_tokens: int = 256, guidance: dict | None = None) -> Image.Image:
+    """The picture (see the module docstring) from a loaded :class:`~got_jax.got.pipeline.GoTPipeline`; the text-to-
+    image rows with ``guidance`` (the scales of :func:`got_jax.eval.shapes.guidance`; None: the paper's)."""
     from got_jax.eval import shapes as ev  # noqa: PLC0415
 
     settings = ev.Settings(prompts_per_task=per_task, images_per_prompt=1, size=size, steps=steps, seed=seed,
-                           max_new_tokens=max_new_tokens, batch_size=len(shapes.TASKS) * per_task)
+                           max_new_tokens=max_new_tokens, batch_size=len(shapes.TASKS) * per_task,
+                           **(guidance or {}))
     jobs = ev.eval_jobs(settings)
     t2i = [tile(f"[{j['task']}] {j['prompt']}", im, got) for j, (im, got) in
            zip(jobs, ev.sample_jobs(pipe, jobs, settings, log=lambda *a: None))]
@@ -106,10 +110,10 @@ def main(argv=None) -> Path:
     from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
 
     ckpt = a.ckpt or DEMO_DIR
-    ev._check_folder(p, ckpt, a.size)
+    defaults = ev._check_folder(p, ckpt, a.size)
     pipe = ev.load_pipeline(ckpt)
     sheet = make_sheet(pipe, per_task=a.per_task, size=a.size, steps=a.steps, seed=a.seed,
-                       max_new_tokens=a.max_new_tokens)
+                       max_new_tokens=a.max_new_tokens, guidance=ev.guidance(defaults))
     atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"wrote {out} ({sheet.width}x{sheet.height})")
     return out

@@ -146,11 +146,20 @@ class GoTTask:
         return {"ablation": self.ablation, "sampling_defaults": sampling_defaults(self.config)}
 
 
-def sampling_defaults(config) -> dict[str, bool]:
-    """The :class:`~got_jax.got.pipeline.GoTPipeline` keywords a model trained under ``config.ablation`` must
-    be sampled with (stored in an exported model's config.json: ``sampling_defaults``)."""
+GUIDANCE = ("guidance_scale", "layout_guidance_scale", "image_guidance_scale")
+
+
+def sampling_defaults(config) -> dict[str, Any]:
+    """The :class:`~got_jax.got.pipeline.GoTPipeline` keywords a model trained under ``config`` is sampled with
+    (stored in an exported model's config.json: ``sampling_defaults``): the flags of ``config.ablation`` and the
+    guidance scales of ``config.sample`` that are set (``sample.guidance_scale`` / ``layout_guidance_scale`` /
+    ``image_guidance_scale``; None: the paper's)."""
     a = ablation(config)
-    out = {}
+    out: dict[str, Any] = {}
+    s = config.get("sample") or {}
+    for k in GUIDANCE:
+        if s.get(k) is not None:
+            out[k] = float(s[k])
     if a["no_chain"]:
         out["no_chain"] = True
     if a["no_layout"]:
