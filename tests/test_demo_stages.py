@@ -32,6 +32,9 @@ pytestmark = pytest.mark.xdist_group("demo_stages")  # one worker: the two train
 MAX_DEMO_BYTES = 25 * 2**20
 
 
+DEMO_GUIDANCE = {"guidance_scale": 2.0, "layout_guidance_scale": 2.0}  # configs/demo_shapes.py's sample.*
+
+
 def tiny(stage: str, workdir_data: str, seed: int, **over):
     c = demo_shapes.get_config()
     c.stage = stage
@@ -134,7 +137,7 @@ def test_export_and_load_demo_round_trip(stages, tmp_path):
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
     assert size <= MAX_DEMO_BYTES, size
     pipe, kw = demo.load_demo(folder)
-    assert kw == {"height": 32, "width": 32}
+    assert kw == {"height": 32, "width": 32, **DEMO_GUIDANCE}  # the size it was trained at, demo_shapes' scales
     # editing sources are seen as in training (tiny_test: data.reasoner_size 56, not the released 448)
     with open(os.path.join(folder, "config.json")) as f:
         assert json.load(f)["reasoner_source_size"] == 56
@@ -151,7 +154,7 @@ def test_export_and_load_demo_round_trip(stages, tmp_path):
     with open(os.path.join(abl, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["ablation"] == {"no_layout": True, "no_chain": True}
-    assert cfg["sampling_defaults"] == {"zero_layout": True, "no_chain": True}
+    assert cfg["sampling_defaults"] == {"zero_layout": True, "no_chain": True, **DEMO_GUIDANCE}
 
 
 def test_load_demo_without_weights_names_the_folder(tmp_path):
@@ -254,10 +257,14 @@ def test_no_layout_zeroes_every_layout_latent(tok):
     plain = tasks.GoTTask(setup.resolve(tiny("got", "", 0, **{"loss.cond_dropout_prob": 0.0})), cfg, tok,
                           setup.model_options(c))
     assert not bool(jnp.any(plain.draws(jax.random.key(0), prepared, model, _schedule(cfg), plain.loss_cfg).drop_layout))
-    assert tasks.sampling_defaults(c) == {"zero_layout": True}
-    # guidance scales set in config.sample go with the export (None: the paper's, nothing recorded)
-    tuned = setup.resolve(tiny("got", "", 0, **{"sample.guidance_scale": 1.5, "sample.layout_guidance_scale": 2.0}))
-    assert tasks.sampling_defaults(tuned) == {"guidance_scale": 1.5, "layout_guidance_scale": 2.0}
+    assert tasks.sampling_defaults(c) == {"zero_layout": True, **DEMO_GUIDANCE}
+    # guidance scales set in config.sample go with the export (None, tiny_test's: the paper's, nothing recorded)
+    tuned = setup.resolve(tiny("got", "", 0, **{"sample.guidance_scale": 1.5, "sample.image_guidance_scale": 1.2}))
+    assert tasks.sampling_defaults(tuned) == {"guidance_scale": 1.5, "layout_guidance_scale": 2.0,
+                                              "image_guidance_scale": 1.2}
+    from configs import tiny_test  # noqa: PLC0415
+
+    assert tasks.sampling_defaults(tiny_test.get_config()) == {}
 
 
 def _schedule(cfg):
