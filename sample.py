@@ -220,12 +220,12 @@ def main(argv):
         pipe.max_boxes = cfg.max_boxes
     elif not _CKPT.value:
         from got_jax.got.demo import load_demo  # noqa: PLC0415
+        from got_jax.got.pipeline import GUIDANCE_SCALES  # noqa: PLC0415
 
         pipe, demo_kw = load_demo(mesh=mesh, rules=rules, options=ModelOptions(dtype=dtype, attention_impl=attention),
                                   max_boxes=cfg.max_boxes)
         if not _ONLY_GOT.value:  # the ablation flags a demo folder records (its guidance scales: configs/sample_demo.py)
-            kw.update({k: v for k, v in demo_kw.items() if k not in ("height", "width", "guidance_scale",
-                                                                     "layout_guidance_scale", "image_guidance_scale")})
+            kw.update({k: v for k, v in demo_kw.items() if k not in ("height", "width", *GUIDANCE_SCALES)})
         else:
             kw.update({k: v for k, v in demo_kw.items() if k == "no_chain"})
         print("demo: the small GoT trained on the synthetic shapes world (got_jax/assets/demo; see its README.md); "

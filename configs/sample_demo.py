@@ -33,14 +33,13 @@ def get_config():
 
 def demo_guidance(folder: str | None = None) -> dict:
     """The guidance scales the demo folder's config.json records (``sampling_defaults``; {} if none or no folder)."""
-    if folder is None:
-        from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
+    from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
+    from got_jax.got.pipeline import GUIDANCE_SCALES  # noqa: PLC0415
 
-        folder = DEMO_DIR
+    folder = DEMO_DIR if folder is None else folder
     try:
         with open(os.path.join(folder, "config.json")) as f:
             defaults = json.load(f).get("sampling_defaults") or {}
     except (OSError, ValueError):
         return {}
-    return {k: float(defaults[k]) for k in ("guidance_scale", "layout_guidance_scale", "image_guidance_scale")
-            if k in defaults}
+    return {k: float(defaults[k]) for k in GUIDANCE_SCALES if k in defaults}

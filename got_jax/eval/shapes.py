@@ -58,12 +58,12 @@ from PIL import Image, ImageDraw
 from got_jax.data import shapes
 from got_jax.eval import detect, geneval
 from got_jax.got.layout import draw_overlay, render_layout_canvases
+from got_jax.got.pipeline import GUIDANCE_SCALES as GUIDANCE
 from got_jax.got.text import parse_got
 from got_jax.sampling.runner import atomic_write
 
 _SHAPE_WORD = re.compile(r"\b(" + "|".join(shapes.SHAPES) + r")s?\b")
 _COLOR_WORD = re.compile(r"\b(" + "|".join(shapes.COLORS) + r")\b")
-GUIDANCE = ("guidance_scale", "layout_guidance_scale", "image_guidance_scale")
 TILE = 192  # contact-sheet image side (images are upscaled, nearest)
 
 

@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 SOURCE_SIZE = REASONER_IMAGE_SIZE  # the reasoner sees source / fed-back images at 448x448 (bicubic)
 LENGTH_BUCKET = 32  # prompt lengths are left-padded to a multiple of this (fewer recompiles)
+# GoTPipeline.__call__'s three guidance keywords (text g, layout c, reference i); a model folder's config.json may
+# record its own under sampling_defaults (got_jax.train.tasks.sampling_defaults)
+GUIDANCE_SCALES = ("guidance_scale", "layout_guidance_scale", "image_guidance_scale")
 STRIP_TOKENS = ("<|endoftext|>", "<|im_gen_end|>", "<|vision_start|>", "<|vision_end|>")
 
 

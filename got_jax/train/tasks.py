@@ -30,6 +30,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from flax import nnx
 
+from got_jax.got.pipeline import GUIDANCE_SCALES
 from got_jax.train import losses
 from got_jax.train import vae as V
 from got_jax.train.step import OptimConfig, TrainState, TrainStep, draws_for, make_tx, prepare_batch
@@ -146,9 +147,6 @@ class GoTTask:
         return {"ablation": self.ablation, "sampling_defaults": sampling_defaults(self.config)}
 
 
-GUIDANCE = ("guidance_scale", "layout_guidance_scale", "image_guidance_scale")
-
-
 def sampling_defaults(config) -> dict[str, Any]:
     """The :class:`~got_jax.got.pipeline.GoTPipeline` keywords a model trained under ``config`` is sampled with
     (stored in an exported model's config.json: ``sampling_defaults``): the flags of ``config.ablation`` and the
@@ -157,7 +155,7 @@ def sampling_defaults(config) -> dict[str, Any]:
     a = ablation(config)
     out: dict[str, Any] = {}
     s = config.get("sample") or {}
-    for k in GUIDANCE:
+    for k in GUIDANCE_SCALES:
         if s.get(k) is not None:
             out[k] = float(s[k])
     if a["no_chain"]:
