@@ -30,16 +30,14 @@ import logging
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from got_jax.got.model import GoT
+from got_jax.train import losses
+from got_jax.train.losses import IMAGE_FIELDS, LATENT_FIELDS
 
 log = logging.getLogger(__name__)
-
-IMAGE_FIELDS = ("target_image", "reference_image", "layout_canvases", "layout_mask")
-LATENT_FIELDS = ("target_latents", "reference_latents", "layout_latents")
 
 
 class FrozenEncoder(nnx.Module):
@@ -84,8 +82,6 @@ class LatentCache:
     """
 
     def __init__(self, model, *, chunk: int = 8, max_bytes: int = 4 << 30, encode_passes: int = 0):
-        from got_jax.train import losses  # noqa: PLC0415
-
         if chunk < 1:
             raise ValueError(f"LatentCache: chunk must be >= 1, got {chunk}")
         self.chunk, self.max_bytes = int(chunk), int(max_bytes)

@@ -37,6 +37,11 @@ import numpy as np
 
 from got_jax.diffusion.schedulers import TrainSchedule
 
+# A batch's image fields the frozen VAE encodes, and the latents they become (conditioning_latents; a batch from
+# got_jax.train.latent_cache.LatentCache carries the latents instead)
+IMAGE_FIELDS = ("target_image", "reference_image", "layout_canvases", "layout_mask")
+LATENT_FIELDS = ("target_latents", "reference_latents", "layout_latents")
+
 # Guidance branches of GoT.guided_noise as (drop_text, drop_layout, drop_reference); branch 1 is the full one.
 CFG_BRANCHES = ((False, False, False), (False, True, False), (True, True, False), (True, True, True))
 
@@ -192,9 +197,8 @@ def conditioning_latents(model, batch: Mapping[str, Any], encode_passes: int = 0
     ``layout_latents`` (from :class:`got_jax.train.latent_cache.LatentCache`: these encodes, done once per example
     on the host) is not encoded again.
     """
-    if "target_latents" in batch:
-        return tuple(jax.lax.stop_gradient(jnp.asarray(batch[k], jnp.float32))
-                     for k in ("target_latents", "reference_latents", "layout_latents"))
+    if LATENT_FIELDS[0] in batch:
+        return tuple(jax.lax.stop_gradient(jnp.asarray(batch[k], jnp.float32)) for k in LATENT_FIELDS)
     vae_cfg = model.config.vae
     target = in_passes(lambda im: model.vae.encode(im.astype(model.dtype)).mean, batch["target_image"],
                        encode_passes) * vae_cfg.scaling_factor

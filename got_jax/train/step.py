@@ -35,9 +35,9 @@ from got_jax.diffusion.schedulers import TrainSchedule
 from got_jax.train import losses
 from got_jax.train.batch import reasoner_inputs
 
-IMAGE_KEYS = ("target_image", "reference_image", "layout_canvases", "layout_mask", "time_ids")
+IMAGE_KEYS = (*losses.IMAGE_FIELDS, "time_ids")
 # a batch whose frozen-VAE encodes were done on the host (got_jax.train.latent_cache)
-LATENT_KEYS = ("target_latents", "reference_latents", "layout_latents", "time_ids")
+LATENT_KEYS = (*losses.LATENT_FIELDS, "time_ids")
 
 
 @dataclasses.dataclass(frozen=True)
