@@ -215,16 +215,47 @@ def test_follows_plan_checks_colour_and_place():
     assert not ev.follows_plan(small, plan)
 
 
+def test_draws_plan_binds_each_planned_shape_to_its_box():
+    """``draws``: the image's objects and the plan's pair up one to one (shape, colour, centre inside the planned
+    box). Ground truth drawn from its own plan passes (every eval prompt, >= 0.98 as the detector); the same plan
+    with its shapes swapped between the boxes, an object missing, an extra one or a recoloured one fails."""
+    ok = [ev.draws_plan(shapes.render(p["objects"], SIZE), shapes.got_text(p["prompt"], p["objects"], SIZE))[0]
+          for p in _all_prompts()]
+    assert np.mean(ok) >= 0.98
+    p = shapes.eval_prompts("position", 1, SIZE)[0]
+    a, b = p["objects"]
+    plan = shapes.got_text(p["prompt"], [a, b], SIZE)
+    assert ev.draws_plan(Image.fromarray(shapes.render([a, b], SIZE)), plan) == (True, "")
+    swapped = [dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)]
+    good, why = ev.draws_plan(shapes.render(swapped, SIZE), plan)
+    assert not good and why == f"planned object 1 ({a.color} {a.shape}): its box holds {a.color} {b.shape}"
+    assert ev.follows_plan(shapes.render(swapped, SIZE), plan)  # the lenient score cannot see it
+    good, why = ev.draws_plan(shapes.render([a], SIZE), plan)
+    assert not good and why == f"planned object 2 ({b.color} {b.shape}): nothing drawn in its box"
+    free = next(c for c in range(shapes.GRID ** 2) if c not in (a.cell, b.cell))
+    extra = shapes._place(np.random.default_rng(0), "circle", "red", free, SIZE)
+    good, why = ev.draws_plan(shapes.render([a, b, extra], SIZE), plan)
+    assert not good and why == "drawn but not planned: red circle"
+    recoloured = [a, dataclasses.replace(b, color=next(c for c in shapes.COLORS if c not in (a.color, b.color)))]
+    assert not ev.draws_plan(shapes.render(recoloured, SIZE), plan)[0]
+    assert ev.draws_plan(shapes.render([a, b], SIZE), "a plan without boxes") == (
+        False, "the plan states no object with a shape")
+
+
 def test_summary_reports_follows_per_task_and_none_without_a_plan():
     rows = [{"task": "colors", "index": 0, "correct": True, "plan_correct": True, "follows": True},
             {"task": "colors", "index": 1, "correct": False, "plan_correct": True, "follows": False},
             {"task": "position", "index": 0, "correct": False, "plan_correct": False, "follows": True}]
     s = ev.summarize(rows, ("colors", "position"))
+    assert s["tasks"]["colors"]["draws"] is None and s["overall"]["draws"] is None  # rows without the score
     assert s["tasks"]["colors"]["follows"] == 0.5 and s["tasks"]["position"]["follows"] == 1.0
     assert s["overall"]["follows"] == 0.75  # GenEval's way: the mean of the task means
     assert ev.format_table(s).splitlines()[-1].split()[-2] == "0.750"
     s = ev.summarize([dict(r, follows=None) for r in rows], ("colors", "position"))
     assert s["overall"]["follows"] is None and s["tasks"]["colors"]["follows"] is None
+    s = ev.summarize([dict(r, draws=r["follows"] and r["correct"]) for r in rows], ("colors", "position"))
+    assert s["tasks"]["colors"]["draws"] == 0.5 and s["tasks"]["position"]["draws"] == 0.0
+    assert s["overall"]["draws"] == 0.25 and ev.format_table(s).splitlines()[-1].split()[-3] == "0.250"
 
 
 class _StubVAEModel(nnx.Module):
@@ -389,6 +420,7 @@ def test_ablation_folder_is_sampled_with_its_sampling_defaults(tiny_ckpt, tmp_pa
     assert res["settings"]["no_chain"] is True and res["settings"]["no_layout"] is True
     assert res["overall"]["plan"] == 0.0  # no chain, no plan
     assert res["overall"]["follows"] is None and all(s["follows"] is None for s in res["samples"])  # nothing to follow
+    assert res["overall"]["draws"] is None and all(s["draws"] is None for s in res["samples"])
     assert ev.format_table(res).splitlines()[-1].split()[-2] == "-"  # follows
     assert res["overall"]["vae_ceiling"] == 1.0  # the exact VAE: every ground truth at 32 px passes
     res = ev.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "p"), "--prompts_per_task", "1",
@@ -429,3 +461,43 @@ def test_guidance_scales_come_from_the_flags_else_the_folder_else_the_paper(tiny
         assert scales(calls[-1]) == want and scales(res["settings"]) == want, (extra, scales(calls[-1]))
     assert sample_demo.demo_guidance(str(folder)) == {"guidance_scale": 1.5, "layout_guidance_scale": 2.0}
     assert sample_demo.demo_guidance(str(tiny_ckpt)) == {} and sample_demo.demo_guidance(str(tmp_path / "x")) == {}
+
+
+def test_rescore_scores_the_stored_samples_again(tmp_path, capsys):
+    """``--rescore``: results.json's GoT texts and the written PNGs scored again with no model and no sampling.
+    With unchanged scorers it gives back what the run stored (PNGs are lossless); a stored plan that no longer
+    matches its image changes ``draws``; a missing image or results file is a one-line error naming it."""
+    import types
+
+    truth = {p["prompt"]: p["objects"] for t in shapes.TASKS for p in shapes.eval_prompts(t, 1, SIZE)}
+
+    def fake_pipe(prompts, **kw):  # each prompt's ground truth, drawn from its own plan
+        return types.SimpleNamespace(images=[Image.fromarray(shapes.render(truth[p], SIZE)) for p in prompts],
+                                     got_texts=[shapes.got_text(p, truth[p], SIZE) for p in prompts])
+
+    fake_pipe.model = _StubVAEModel()
+    out = tmp_path / "run"
+    settings = ev.Settings(prompts_per_task=1, images_per_prompt=1, batch_size=6, guidance_scale=2.0)
+    res = ev.run(fake_pipe, out, settings, log=lambda *a: None)
+    assert res["overall"]["draws"] == 1.0 and res["overall"]["image"] == 1.0
+    stored = json.loads((out / "results.json").read_text())
+    again = ev.main(["--out", str(out), "--rescore"])
+    assert json.loads((out / "results.json").read_text()) == stored
+    assert {k: again[k] for k in ("overall", "tasks", "settings", "vae_round_trips")} == {
+        k: stored[k] for k in ("overall", "tasks", "settings", "vae_round_trips")}
+    # a plan whose first two boxes trade places: the position image no longer draws it
+    i = next(n for n, s in enumerate(stored["samples"]) if s["task"] == "position")
+    objs = truth[stored["samples"][i]["prompt"]]
+    swapped = [dataclasses.replace(objs[0], shape=objs[1].shape), dataclasses.replace(objs[1], shape=objs[0].shape)]
+    stored["samples"][i]["got_text"] = shapes.got_text(stored["samples"][i]["prompt"], swapped, SIZE)
+    (out / "results.json").write_text(json.dumps(stored))
+    again = ev.rescore(out, log=lambda *a: None)
+    assert again["tasks"]["position"]["draws"] == 0.0 and again["tasks"]["position"]["image_accuracy"] == 1.0
+    assert again["samples"][i]["draws_reason"].startswith("planned object 1")
+    (out / stored["samples"][0]["image"]).unlink()
+    for args, msg in ((["--out", str(out)], f"{out / stored['samples'][0]['image']}: the image of a stored sample "
+                                            "is missing"),
+                      (["--out", str(tmp_path / "none")], "no results.json to re-score")):
+        with pytest.raises(SystemExit):
+            ev.main(args + ["--rescore"])
+        assert msg in capsys.readouterr().err

@@ -20,10 +20,12 @@ the same detections (class from the box phrase, colour from the box's colour). B
 rules against the prompt's metadata (a plan whose object boxes overlap fails: :func:`score_plan`), so plan
 accuracy and image accuracy sit side by side: a wrong plan drawn faithfully fails both; a right plan drawn
 wrongly fails the image only. Position follows GenEval
-(shapes and relation; colours in a position prompt are not scored). A third score, ``follows``, asks whether the
-image draws its own plan, whatever the prompt: the plan's first coloured box is painted in that colour
-(:func:`follows_plan`); it measures the spatial guidance even where the shape detector rejects the objects, and is
-not defined for a model that writes no chain (``no_chain``). A fourth, the **VAE ceiling**, needs no sampling:
+(shapes and relation; colours in a position prompt are not scored). Two more scores ask whether the image draws
+its own plan, whatever the prompt, and are not defined for a model that writes no chain (``no_chain``):
+``draws`` (:func:`draws_plan`), strict: the image's objects are the plan's, one to one, each with its planned shape
+and colour and its centre in its planned box (a plan's shapes drawn swapped between its boxes fail); ``follows``
+(:func:`follows_plan`), lenient: the plan's first coloured box is painted in that colour, which measures the
+spatial guidance even where the shape detector rejects the objects. A fifth, the **VAE ceiling**, needs no sampling:
 each prompt's ground-truth scene rendered, passed through the checkpoint's VAE (encode, decode) and scored like
 an image (:func:`vae_round_trips`). No UNet can score above it, so it tells what the VAE loses from what the
 UNet and the plan lose.
@@ -38,6 +40,9 @@ with them (``zero_layout``: as ``--no_layout``; ``no_chain``: no chain is genera
 so are the guidance scales an export records there (``configs/demo_shapes.py``'s ``sample.*_guidance_scale``);
 ``--guidance_scale`` / ``--layout_guidance_scale`` / ``--image_guidance_scale`` override them, and a folder
 without them is sampled with the paper's T2I values (g 7.5, c 4.0, i 1.0).
+
+``python -m got_jax.eval.shapes --out DIR --rescore`` scores the samples already in ``DIR`` again (results.json's
+GoT texts, the PNGs in ``images/``) with today's scorers, without a model: :func:`rescore`.
 """
 
 from __future__ import annotations
@@ -156,6 +161,38 @@ def follows_plan(image, got_text: str) -> bool:
     return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == boxes[0].color
 
 
+def draws_plan(image, got_text: str) -> tuple[bool, str]:
+    """Whether ``image`` draws exactly the objects its own plan states (whatever the prompt), and why not: the
+    image's detections (:func:`got_jax.eval.detect.detect`) and the plan's objects (:func:`plan_detections`: shape
+    from the box phrase, colour from the box's tag) pair up one to one, each detection with the shape and the
+    colour of a planned object whose box holds the detection's centre. A shape drawn in another object's box
+    (the plan's shapes swapped between its boxes), a missing, extra or recoloured object fails. A plan with no
+    such object fails. This is the strict form of :func:`follows_plan` (which checks the first box's colour):
+    it asks whether the UNet binds each planned shape to its box."""
+    planned = plan_detections(got_text)
+    if not planned:
+        return False, "the plan states no object with a shape"
+    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    h, w = a.shape[:2]
+    found = detect.detect(a)
+    unused = list(range(len(found)))
+    for n, p in enumerate(planned, 1):
+        x1, y1, x2, y2 = p.box
+        hit = next((i for i in unused if found[i].cls == p.cls and found[i].color == p.color
+                    and x1 <= 500 * (found[i].box[0] + found[i].box[2]) / w <= x2
+                    and y1 <= 500 * (found[i].box[1] + found[i].box[3]) / h <= y2), None)
+        if hit is None:
+            inside = [f"{found[i].color} {found[i].cls}" for i in unused
+                      if x1 <= 500 * (found[i].box[0] + found[i].box[2]) / w <= x2
+                      and y1 <= 500 * (found[i].box[1] + found[i].box[3]) / h <= y2]
+            return False, (f"planned object {n} ({p.color} {p.cls}): "
+                           + (f"its box holds {', '.join(inside)}" if inside else "nothing drawn in its box"))
+        unused.remove(hit)
+    if unused:
+        return False, "drawn but not planned: " + ", ".join(f"{found[i].color} {found[i].cls}" for i in unused)
+    return True, ""
+
+
 def vae_round_trips(pipe, settings: Settings, batch_size: int = 8) -> list[dict]:
     """The VAE's ceiling: every evaluation prompt's ground-truth scene (:func:`got_jax.data.shapes.eval_prompts`)
     rendered, encoded and decoded by the checkpoint's VAE (``encode_mode`` then ``decode``, as the GoT stage
@@ -198,9 +235,9 @@ def _mean_or_none(values) -> float | None:
 
 
 def summarize(samples: Sequence[dict], tasks: Sequence[str], round_trips: Sequence[dict] | None = None) -> dict:
-    """Per-task image / plan accuracy and plan-following rate (means over images) and their overall (GenEval's
-    mean over tasks). ``follows`` is None where no sample has one (a model without a chain); ``vae_ceiling``
-    (the accuracy of :func:`vae_round_trips`' records, per task) is None without them."""
+    """Per-task image / plan accuracy and plan-following rates (means over images) and their overall (GenEval's
+    mean over tasks). ``draws`` / ``follows`` are None where no sample has one (a model without a chain);
+    ``vae_ceiling`` (the accuracy of :func:`vae_round_trips`' records, per task) is None without them."""
     per = {}
     for t in tasks:
         rows = [s for s in samples if s["task"] == t]
@@ -209,6 +246,7 @@ def summarize(samples: Sequence[dict], tasks: Sequence[str], round_trips: Sequen
         per[t] = {"prompts": len({s["index"] for s in rows}), "images": len(rows),
                   "image_accuracy": float(np.mean([s["correct"] for s in rows])),
                   "plan_accuracy": float(np.mean([s["plan_correct"] for s in rows])),
+                  "draws": _mean_or_none(s.get("draws") for s in rows),
                   "follows": _mean_or_none(s.get("follows") for s in rows),
                   "vae_ceiling": None}
         if round_trips is not None:
@@ -217,8 +255,10 @@ def summarize(samples: Sequence[dict], tasks: Sequence[str], round_trips: Sequen
                 raise ValueError(f"no VAE round trips for task {t!r}")
             per[t]["vae_ceiling"] = float(np.mean(trips))
     follows = {t: v["follows"] for t, v in per.items()}
+    draws = {t: v["draws"] for t, v in per.items()}
     return {"tasks": per, "overall": {"image": geneval.overall({t: v["image_accuracy"] for t, v in per.items()}),
                                       "plan": geneval.overall({t: v["plan_accuracy"] for t, v in per.items()}),
+                                      "draws": None if None in draws.values() else geneval.overall(draws),
                                       "follows": None if None in follows.values() else geneval.overall(follows),
                                       "vae_ceiling": None if round_trips is None else
                                       geneval.overall({t: v["vae_ceiling"] for t, v in per.items()})}}
@@ -226,14 +266,14 @@ def summarize(samples: Sequence[dict], tasks: Sequence[str], round_trips: Sequen
 
 def format_table(summary: dict) -> str:
     f = lambda v: f"{'-':>9}" if v is None else f"{v:>9.3f}"  # noqa: E731
-    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9} {'follows':>9} "
-             f"{'VAE ceil':>9}"]
+    lines = [f"{'task':<14} {'prompts':>7} {'images':>6} {'image acc':>9} {'plan acc':>9} {'draws':>9} "
+             f"{'follows':>9} {'VAE ceil':>9}"]
     for t, v in summary["tasks"].items():
         lines.append(f"{t:<14} {v['prompts']:>7} {v['images']:>6} {v['image_accuracy']:>9.3f} {v['plan_accuracy']:>9.3f}"
-                     f" {f(v.get('follows'))} {f(v.get('vae_ceiling'))}")
+                     f" {f(v.get('draws'))} {f(v.get('follows'))} {f(v.get('vae_ceiling'))}")
     o = summary["overall"]
-    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f} {f(o.get('follows'))} "
-                 f"{f(o.get('vae_ceiling'))}")
+    lines.append(f"{'overall':<14} {'':>7} {'':>6} {o['image']:>9.3f} {o['plan']:>9.3f} {f(o.get('draws'))} "
+                 f"{f(o.get('follows'))} {f(o.get('vae_ceiling'))}")
     return "\n".join(lines)
 
 
@@ -280,8 +320,9 @@ def evaluate_samples(jobs: list[dict], sampled: Sequence[tuple[Image.Image, str]
     for job, (img, got) in zip(jobs, sampled, strict=True):
         ok, reason, dets = score_image(img, job["metadata"])
         plan_ok, plan_reason = score_plan(got, job["metadata"])
+        draws, draws_reason = (None, "") if no_chain else draws_plan(img, got)
         samples.append({**job, "correct": bool(ok), "reason": reason, "plan_correct": bool(plan_ok),
-                        "plan_reason": plan_reason, "got_text": got,
+                        "plan_reason": plan_reason, "got_text": got, "draws": draws, "draws_reason": draws_reason,
                         "follows": None if no_chain else bool(follows_plan(img, got)),
                         "detections": [[d.cls, d.color, list(d.box)] for d in dets]})
     return samples
@@ -293,9 +334,9 @@ def evaluate_samples(jobs: list[dict], sampled: Sequence[tuple[Image.Image, str]
 def contact_sheet(samples: Sequence[dict], images: Sequence[Image.Image], *, columns: int = 6,
                   max_tiles: int = 48) -> Image.Image:
     """Failed samples (image or plan wrong) as tiles: the image (upscaled) with the plan's boxes, then the
-    prompt, the image verdict and the plan verdict with their first reasons."""
+    prompt, the image verdict, the plan verdict and whether the image draws its plan, with their first reasons."""
     fails = [(s, im) for s, im in zip(samples, images) if not (s["correct"] and s["plan_correct"])][:max_tiles]
-    text_h = 96
+    text_h = 118
     if not fails:
         sheet = Image.new("RGB", (TILE * 2, 40), (255, 255, 255))
         ImageDraw.Draw(sheet).text((6, 12), "no failures", fill=(0, 0, 0))
@@ -312,8 +353,10 @@ def contact_sheet(samples: Sequence[dict], images: Sequence[Image.Image], *, col
         verdict = lambda ok, why: "ok" if ok else "FAIL " + (why.splitlines()[0] if why else "")  # noqa: E731
         text = (textwrap.wrap(f"[{s['task']}] {s['prompt']}", 34)
                 + textwrap.wrap("image: " + verdict(s["correct"], s["reason"]), 34)[:2]
-                + textwrap.wrap("plan: " + verdict(s["plan_correct"], s["plan_reason"]), 34)[:2])
-        for li, line in enumerate(text[:8]):
+                + textwrap.wrap("plan: " + verdict(s["plan_correct"], s["plan_reason"]), 34)[:2]
+                + ([] if s.get("draws") is None else textwrap.wrap("draws plan: " + verdict(s["draws"],
+                                                                                             s.get("draws_reason")), 34)[:2]))
+        for li, line in enumerate(text[:10]):
             draw.text((x + 2, y + TILE + 2 + 11 * li), line, fill=(0, 0, 0))
     return sheet
 
@@ -340,11 +383,51 @@ def run(pipe, out: str | os.PathLike, settings: Settings, *, ckpt: str | None = 
     summary = summarize(samples, settings.tasks, round_trips)
     results = {"ckpt": ckpt, "settings": {**dataclasses.asdict(settings), "tasks": list(settings.tasks)},
                "sampling_seconds": seconds, **summary, "samples": samples, "vae_round_trips": round_trips}
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1) + "\n"))
-    atomic_write(out / "failures.png", lambda p: contact_sheet(samples, images).save(p, format="PNG"))
-    log(format_table(summary))
+    _write_results(out, results, images, log)
     log(f"wrote {out}/results.json, {out}/failures.png and {len(samples)} images")
     return results
+
+
+JOB_KEYS = ("task", "index", "k", "prompt", "metadata", "seed")
+
+
+def rescore(out: str | os.PathLike, log=print) -> dict:
+    """Scores again the samples a run wrote under ``out`` (each sample's GoT text in results.json and its PNG in
+    ``images/``) with today's scorers, keeps the stored VAE round trips, and rewrites results.json and
+    failures.png: a new or fixed score needs no sampling. PNGs are lossless, so re-scoring with unchanged scorers
+    gives back the stored results."""
+    out = Path(out)
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.json to re-score (python -m got_jax.eval.shapes --out {out} "
+                                "writes one)")
+    old = json.loads(path.read_text())
+    try:
+        jobs = [{k: s[k] for k in JOB_KEYS} for s in old["samples"]]
+        texts = [s["got_text"] for s in old["samples"]]
+        names = [s["image"] for s in old["samples"]]
+        tasks, no_chain = old["settings"]["tasks"], bool(old["settings"]["no_chain"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a shapes-GenEval results file (missing {e})") from e
+    images = []
+    for name in names:
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name}: the image of a stored sample is missing")
+        with Image.open(out / name) as im:
+            images.append(im.convert("RGB"))
+    samples = evaluate_samples(jobs, list(zip(images, texts)), no_chain=no_chain)
+    for smp, name in zip(samples, names):
+        smp["image"] = name
+    results = {**old, **summarize(samples, tasks, old.get("vae_round_trips")), "samples": samples}
+    _write_results(out, results, images, log)
+    log(f"re-scored {len(samples)} samples; wrote {out}/results.json and {out}/failures.png")
+    return results
+
+
+def _write_results(out: Path, results: dict, images: Sequence[Image.Image], log) -> None:
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1) + "\n"))
+    atomic_write(out / "failures.png", lambda p: contact_sheet(results["samples"], images).save(p, format="PNG"))
+    log(format_table(results))
 
 
 def load_pipeline(ckpt: str, dtype: str = "float32"):
@@ -383,7 +466,14 @@ def main(argv=None) -> dict:
     p.add_argument("--combos", default=d.combos, choices=tuple(shapes.COMBOS),
                    help="position / colour-attribution prompts from the held-out combinations (the benchmark) or "
                    "from those training may realise ('train': a diagnostic of compositional generalisation)")
+    p.add_argument("--rescore", action="store_true", help="score again the samples already in --out (its "
+                   "results.json and images/) with today's scorers; no model is loaded, nothing is sampled")
     a = p.parse_args(argv)
+    if a.rescore:
+        try:
+            return rescore(a.out)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--rescore: {e}")
     if a.ckpt is None:
         from got_jax.got.demo import DEMO_DIR  # noqa: PLC0415
 
