@@ -116,6 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.lora_rank = 0  # the small reasoner is trained fully
     # diffusers UNet config keys replacing got_jax.got.demo's (configs/demo_shapes_xattr16.py: recipe 5's try)
     c.model.demo_unet = ml_collections.ConfigDict()
+    # reasoner text_config keys replacing got_jax.got.demo's (e.g. num_hidden_layers; the width is demo_hidden)
+    c.model.demo_reasoner = ml_collections.ConfigDict()
     c.model.vae_from = ""  # GoT stage: the vae stage's workdir
     c.loss.cache_latents = True  # each example's frozen-VAE latents encoded once (got_jax/train/latent_cache.py)
 

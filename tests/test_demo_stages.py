@@ -186,6 +186,27 @@ def test_demo_unet_overrides_reach_the_unet_config_and_unknown_keys_are_errors()
         setup.got_config(c, load_tokenizer())
 
 
+def test_demo_reasoner_overrides_reach_the_reasoner_config_and_unknown_keys_are_errors():
+    from configs import demo_shapes_deep  # noqa: PLC0415
+
+    tok = load_tokenizer()
+    plain = setup.got_config(setup.resolve(tiny("got", "", 0)), tok)["reasoner"]["text_config"]
+    assert plain["num_hidden_layers"] == 2  # the shipped demo's reasoner
+    deep = demo_shapes_deep.get_config().model.demo_reasoner.to_dict()
+    cfg = setup.got_config(setup.resolve(tiny("got", "", 0, **{"model.demo_reasoner": deep})), tok)
+    assert cfg["reasoner"]["text_config"] == plain | {"num_hidden_layers": 4}  # recipe 7's try
+    c = setup.resolve(tiny("got", "", 0, **{"model.demo_reasoner": {"num_hidden_layers": 4,
+                                                                    "intermediate_size": 96}}))
+    cfg = setup.got_config(c, tok)["reasoner"]["text_config"]
+    assert (cfg["num_hidden_layers"], cfg["intermediate_size"]) == (4, 96) != (plain["num_hidden_layers"],
+                                                                              plain["intermediate_size"])
+    assert cfg == plain | {"num_hidden_layers": 4, "intermediate_size": 96}  # nothing else changed
+    for key in ("num_layers", "hidden_size"):  # a typo; the width, which demo_hidden sets everywhere
+        c = setup.resolve(tiny("got", "", 0, **{"model.demo_reasoner": {key: 4}}))
+        with pytest.raises(setup.ConfigError, match=rf"text_config key\(s\) \['{key}'\]; known: "):
+            setup.got_config(c, tok)
+
+
 # ------------------------------------------------------------------------------------------ ablations
 
 

@@ -81,6 +81,14 @@ def got_config(config, tokenizer=None) -> dict:
         cfg = demo_config(tokenizer, hidden=int(config.model.demo_hidden))
         cfg["vae"]["sample_size"] = int(config.data.image_size)
         text = cfg["reasoner"]["text_config"]
+        overrides = config.model.get("demo_reasoner")  # text_config keys replacing the demo reasoner's
+        if overrides:
+            allowed = set(text) - {"hidden_size", "vocab_size", "rope_parameters"}
+            unknown = sorted(set(overrides) - allowed)
+            if unknown:
+                raise ConfigError(f"config.model.demo_reasoner: unknown or fixed reasoner text_config key(s) "
+                                  f"{unknown}; known: {sorted(allowed)} (the width is config.model.demo_hidden)")
+            text.update(overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
         half = text["hidden_size"] // text["num_attention_heads"] // 2
         text["rope_parameters"]["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
         # the data pipeline's reasoner view uses Qwen2.5-VL's 14-px patches
