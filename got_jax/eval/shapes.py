@@ -161,33 +161,48 @@ def follows_plan(image, got_text: str) -> bool:
     return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == boxes[0].color
 
 
+def _centre_in(det: geneval.Detection, box, h: int, w: int) -> bool:
+    """Whether a pixel detection's centre lies in a 0..1000 ``box``."""
+    x1, y1, x2, y2 = box
+    return (x1 <= 500 * (det.box[0] + det.box[2]) / w <= x2) and (y1 <= 500 * (det.box[1] + det.box[3]) / h <= y2)
+
+
+def match_plan(image, got_text: str) -> tuple[list[geneval.Detection], list[geneval.Detection], list[int | None]]:
+    """The plan's objects (:func:`plan_detections`), the image's detections (:func:`got_jax.eval.detect.detect`)
+    and, per planned object in order, the index of the detection it is paired with (None if none): a detection
+    of the planned shape and colour whose centre lies in the planned box, each detection used once."""
+    planned = plan_detections(got_text)
+    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    h, w = a.shape[:2]
+    found = detect.detect(a)
+    unused, matches = list(range(len(found))), []
+    for p in planned:
+        hit = next((i for i in unused if found[i].cls == p.cls and found[i].color == p.color
+                    and _centre_in(found[i], p.box, h, w)), None)
+        matches.append(hit)
+        if hit is not None:
+            unused.remove(hit)
+    return planned, found, matches
+
+
 def draws_plan(image, got_text: str) -> tuple[bool, str]:
     """Whether ``image`` draws exactly the objects its own plan states (whatever the prompt), and why not: the
-    image's detections (:func:`got_jax.eval.detect.detect`) and the plan's objects (:func:`plan_detections`: shape
-    from the box phrase, colour from the box's tag) pair up one to one, each detection with the shape and the
-    colour of a planned object whose box holds the detection's centre. A shape drawn in another object's box
+    image's detections and the plan's objects pair up one to one (:func:`match_plan`: shape from the box phrase,
+    colour from the box's tag, the detection's centre in the planned box). A shape drawn in another object's box
     (the plan's shapes swapped between its boxes), a missing, extra or recoloured object fails. A plan with no
     such object fails. This is the strict form of :func:`follows_plan` (which checks the first box's colour):
     it asks whether the UNet binds each planned shape to its box."""
-    planned = plan_detections(got_text)
+    planned, found, matches = match_plan(image, got_text)
     if not planned:
         return False, "the plan states no object with a shape"
     a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
     h, w = a.shape[:2]
-    found = detect.detect(a)
-    unused = list(range(len(found)))
-    for n, p in enumerate(planned, 1):
-        x1, y1, x2, y2 = p.box
-        hit = next((i for i in unused if found[i].cls == p.cls and found[i].color == p.color
-                    and x1 <= 500 * (found[i].box[0] + found[i].box[2]) / w <= x2
-                    and y1 <= 500 * (found[i].box[1] + found[i].box[3]) / h <= y2), None)
+    unused = [i for i in range(len(found)) if i not in matches]
+    for n, (p, hit) in enumerate(zip(planned, matches), 1):
         if hit is None:
-            inside = [f"{found[i].color} {found[i].cls}" for i in unused
-                      if x1 <= 500 * (found[i].box[0] + found[i].box[2]) / w <= x2
-                      and y1 <= 500 * (found[i].box[1] + found[i].box[3]) / h <= y2]
+            inside = [f"{found[i].color} {found[i].cls}" for i in unused if _centre_in(found[i], p.box, h, w)]
             return False, (f"planned object {n} ({p.color} {p.cls}): "
                            + (f"its box holds {', '.join(inside)}" if inside else "nothing drawn in its box"))
-        unused.remove(hit)
     if unused:
         return False, "drawn but not planned: " + ", ".join(f"{found[i].color} {found[i].cls}" for i in unused)
     return True, ""
