@@ -4,6 +4,7 @@ r"""AOT compile of the full ``got_6b`` train step on simulated pods: per-device 
     python benchmarks/train_scale.py --devices 16 --reasoner_layers 2        # a cut for small hosts
     pip install libtpu==0.0.42.1   # the TPU compiler of jax 0.10.2's [tpu] extra; no TPU needed
     python benchmarks/train_scale.py --topology v5e:4x4              # compiled by the TPU compiler (AOT)
+    python benchmarks/train_scale.py --topology v5e:4x4 --cached_latents   # the step on pre-encoded latents
 
 Builds the ``configs/got_6b.py`` state abstractly (``nnx.eval_shape``: no weights), lowers the jitted train step
 (``jit(step, in/out_shardings from the logical-axis rules, donate state).lower(...).compile()``) for a global
@@ -44,6 +45,9 @@ def parse():
     p.add_argument("--image", type=int, default=1024)
     p.add_argument("--text_len", type=int, default=1024)
     p.add_argument("--step_time_s", type=float, default=0.0, help="a measured step time, for MFU")
+    p.add_argument("--cached_latents", action="store_true", help="the step on pre-encoded latents "
+                   "(loss.cache_latents' batch: target, reference and layout latents instead of the images), so the "
+                   "frozen VAE's encodes are out of the step")
     p.add_argument("--json", default="", help="append results here")
     return p.parse_args()
 
@@ -94,6 +98,14 @@ def main():
           "reference_image": np.zeros((1, H, H, 3), np.float32), "layout_canvases": np.zeros((1, K, 8, 8, 3), np.uint8),
           "layout_mask": np.ones((1, K), bool), "time_ids": np.zeros((1, 6), np.float32)}
     ex["loss_mask"][:, :200] = False
+    if a.cached_latents:  # what loss.cache_latents attaches in place of the image fields
+        from got_jax.train.losses import IMAGE_FIELDS, LATENT_FIELDS
+
+        f = 2 ** (len(got_cfg["vae"]["block_out_channels"]) - 1)
+        for k in IMAGE_FIELDS:
+            ex.pop(k)
+        for k in LATENT_FIELDS:
+            ex[k] = np.zeros((1, H // f, H // f, int(got_cfg["vae"]["latent_channels"])), np.float32)
     one = prepare_batch(ex, rcfg, 1)
 
     def scaled(path, x):
@@ -139,7 +151,8 @@ def main():
         _phase(f"{n} devices: lowered in {t1 - t0:.0f} s; compiling ({'TPU compiler' if a.topology else 'XLA:CPU'}, "
                "the long part)", start)
         row = {"devices": n, "compiler": f"tpu {a.topology}" if a.topology else "xla:cpu",
-               "reasoner_layers": a.reasoner_layers or rcfg.text.num_hidden_layers}
+               "reasoner_layers": a.reasoner_layers or rcfg.text.num_hidden_layers,
+               "inputs": "latents" if a.cached_latents else "images"}
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that does not fit the chip's HBM
@@ -166,13 +179,15 @@ def main():
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("| devices | compiler | reasoner layers | args GiB | temp GiB | out GiB | TFLOP/device | v5e s @peak | v5p s @peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| devices | compiler | reasoner layers | inputs | args GiB | temp GiB | out GiB | TFLOP/device | v5e s @peak "
+          "| v5p s @peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['devices']} | {r['compiler']} | {r['reasoner_layers']} | {r['error']} |")
+            print(f"| {r['devices']} | {r['compiler']} | {r['reasoner_layers']} | {r['inputs']} | {r['error']} |")
             continue
-        print(f"| {r['devices']} | {r['compiler']} | {r['reasoner_layers']} | {r['argument_GiB']:.2f} | {r['temp_GiB']:.2f} | "
+        print(f"| {r['devices']} | {r['compiler']} | {r['reasoner_layers']} | {r['inputs']} | {r['argument_GiB']:.2f} | "
+              f"{r['temp_GiB']:.2f} | "
               f"{r['output_GiB']:.2f} | {r['flops_per_device'] / 1e12:.1f} | {r['v5e_s_at_peak']:.2f} | "
               f"{r['v5p_s_at_peak']:.2f} |")
 
