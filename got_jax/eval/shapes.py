@@ -152,7 +152,7 @@ def follows_plan(image, got_text: str) -> bool:
     boxes = [b for b in parse_got(got_text) if b.color]
     if not boxes or boxes[0].color not in shapes.COLORS:
         return False
-    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    a = _rgb(image)
     inside = render_layout_canvases(boxes[:1], *a.shape[:2]).any(-1)[0]
     seg = detect.segment(a)[inside]
     coloured = seg[(seg >= 0) & (seg < len(shapes.COLORS))]
@@ -161,24 +161,31 @@ def follows_plan(image, got_text: str) -> bool:
     return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == boxes[0].color
 
 
-def _centre_in(det: geneval.Detection, box, h: int, w: int) -> bool:
-    """Whether a pixel detection's centre lies in a 0..1000 ``box``."""
+def _rgb(image) -> np.ndarray:
+    """A PIL image or an array as an RGB array."""
+    return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+
+
+def _centre_in(det: geneval.Detection, box) -> bool:
+    """Whether a detection's centre lies in ``box`` (both in the same units)."""
     x1, y1, x2, y2 = box
-    return (x1 <= 500 * (det.box[0] + det.box[2]) / w <= x2) and (y1 <= 500 * (det.box[1] + det.box[3]) / h <= y2)
+    return x1 <= (det.box[0] + det.box[2]) / 2 <= x2 and y1 <= (det.box[1] + det.box[3]) / 2 <= y2
 
 
 def match_plan(image, got_text: str) -> tuple[list[geneval.Detection], list[geneval.Detection], list[int | None]]:
-    """The plan's objects (:func:`plan_detections`), the image's detections (:func:`got_jax.eval.detect.detect`)
-    and, per planned object in order, the index of the detection it is paired with (None if none): a detection
-    of the planned shape and colour whose centre lies in the planned box, each detection used once."""
+    """The plan's objects (:func:`plan_detections`), the image's detections (:func:`got_jax.eval.detect.detect`,
+    boxes converted to the plan's 0..1000 units) and, per planned object in order, the index of the detection it is
+    paired with (None if none): a detection of the planned shape and colour whose centre lies in the planned box,
+    each detection used once."""
     planned = plan_detections(got_text)
-    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    a = _rgb(image)
     h, w = a.shape[:2]
-    found = detect.detect(a)
+    found = [dataclasses.replace(d, box=(1000 * d.box[0] / w, 1000 * d.box[1] / h, 1000 * d.box[2] / w,
+                                         1000 * d.box[3] / h)) for d in detect.detect(a)]
     unused, matches = list(range(len(found))), []
     for p in planned:
         hit = next((i for i in unused if found[i].cls == p.cls and found[i].color == p.color
-                    and _centre_in(found[i], p.box, h, w)), None)
+                    and _centre_in(found[i], p.box)), None)
         matches.append(hit)
         if hit is not None:
             unused.remove(hit)
@@ -195,12 +202,10 @@ def draws_plan(image, got_text: str) -> tuple[bool, str]:
     planned, found, matches = match_plan(image, got_text)
     if not planned:
         return False, "the plan states no object with a shape"
-    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
-    h, w = a.shape[:2]
     unused = [i for i in range(len(found)) if i not in matches]
     for n, (p, hit) in enumerate(zip(planned, matches), 1):
         if hit is None:
-            inside = [f"{found[i].color} {found[i].cls}" for i in unused if _centre_in(found[i], p.box, h, w)]
+            inside = [f"{found[i].color} {found[i].cls}" for i in unused if _centre_in(found[i], p.box)]
             return False, (f"planned object {n} ({p.color} {p.cls}): "
                            + (f"its box holds {', '.join(inside)}" if inside else "nothing drawn in its box"))
     if unused:
