@@ -33,6 +33,22 @@ def test_swap_shapes_trades_the_shapes_and_keeps_boxes_and_colours():
     assert binding.swap_shapes("no plan") is None
 
 
+def test_swap_shapes_trades_kind_paints_with_the_shapes():
+    """With kind paints (the layout tag names the shape too) the tags are traded with the shapes, so the swapped
+    plan's layout asks for the swapped shapes; with colour tags they stay (above)."""
+    for p in shapes.eval_prompts("position", 6, SIZE):
+        a, b = p["objects"]
+        plan = shapes.got_text(p["prompt"], [a, b], SIZE, paint="kind")
+        swapped = binding.swap_shapes(plan)
+        got = ev.plan_detections(swapped)
+        assert [(d.color, d.cls) for d in got] == [(a.color, b.shape), (b.color, a.shape)]
+        assert [t.color for t in binding.parse_got(swapped)] == [shapes.KIND_PAINTS[a.color, b.shape],
+                                                                 shapes.KIND_PAINTS[b.color, a.shape]]
+        assert binding.swap_shapes(swapped) == plan
+        colour_plan = shapes.got_text(p["prompt"], [a, b], SIZE)
+        assert [t.color for t in binding.parse_got(binding.swap_shapes(colour_plan))] == [a.color, b.color]
+
+
 def _fake_pipe(binds: bool):
     truth = {p["prompt"]: p["objects"] for p in shapes.eval_prompts("position", 96, SIZE)}
 

@@ -501,3 +501,20 @@ def test_rescore_scores_the_stored_samples_again(tmp_path, capsys):
         with pytest.raises(SystemExit):
             ev.main(args + ["--rescore"])
         assert msg in capsys.readouterr().err
+
+
+def test_plans_with_kind_paints_are_scored_by_their_objects_colours():
+    """A plan whose boxes carry kind paints (``paint="kind"``) states its objects' colours in the phrases:
+    plan, draws and follows read them there (:func:`got_jax.eval.shapes.box_color`), so ground truth passes all
+    three and a recoloured image fails draws and follows."""
+    for task in shapes.TASKS:
+        for p in shapes.eval_prompts(task, 2, 64):
+            objs = p["objects"]
+            plan = shapes.got_text(p["prompt"], objs, 64, paint="kind")
+            assert [d.color for d in ev.plan_detections(plan)] == [o.color for o in objs]
+            assert ev.score_plan(plan, p["metadata"])[0]
+            img = shapes.render(objs, 64)
+            assert ev.draws_plan(img, plan) == (True, "") and ev.follows_plan(img, plan)
+            other = next(c for c in shapes.COLORS if c != objs[0].color)
+            wrong = shapes.render([dataclasses.replace(objs[0], color=other)] + list(objs[1:]), 64)
+            assert not ev.draws_plan(wrong, plan)[0] and not ev.follows_plan(wrong, plan)

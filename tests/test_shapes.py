@@ -1,5 +1,6 @@
 """Synthetic GoT shapes dataset: exact boxes, all GenEval task types, editing pairs, CLI format."""
 
+import dataclasses
 import json
 import os
 import re
@@ -211,3 +212,46 @@ def test_task_weights_set_the_share_of_each_task_and_default_to_geneval_in_turn(
         shapes.main(["--out", str(tmp_path / "bad"), "--task-weights", "spatial=2"])
     assert "--task-weights: task weight for unknown task 'spatial'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_kind_paints_name_each_colour_and_shape_apart():
+    """``paint="kind"``: every box's layout tag is a PIL colour naming its (colour, shape) pair, the 18 paints are
+    distinct in RGB direction (a box's layout latent is scaled by the averaging over boxes, so magnitude cannot tell
+    them apart), and the scenes, captions and images are those of ``paint="color"``."""
+    assert set(shapes.KIND_PAINTS) == {(c, s) for c in shapes.COLORS for s in shapes.SHAPES}
+    assert len(set(shapes.KIND_PAINTS.values())) == 18
+    dirs = np.array([color_to_rgb(p) for p in shapes.KIND_PAINTS.values()], float)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    cos = dirs @ dirs.T
+    np.fill_diagonal(cos, -1)
+    assert np.degrees(np.arccos(cos.max())) > 13.5
+    for i in range(24):
+        kind, color = shapes.generation_example(4, i, 64, {"position": 3}, paint="kind"), shapes.generation_example(
+            4, i, 64, {"position": 3})
+        assert kind["caption"] == color["caption"] and np.array_equal(kind["image"], color["image"])
+        boxes = parse_got(kind["got"], strict=True)
+        assert [b.color for b in boxes] == [shapes.KIND_PAINTS[o.color, o.shape] for o in kind["objects"]]
+        assert [b.color for b in parse_got(color["got"])] == [o.color for o in color["objects"]]
+        assert [dataclasses.replace(b, color=None) for b in boxes] == [
+            dataclasses.replace(b, color=None) for b in parse_got(color["got"])]  # same boxes and phrases
+        canvases = render_layout_canvases(boxes, 64, 64)
+        for canvas, o in zip(canvases, kind["objects"]):
+            assert tuple(canvas[o.y_lo, o.x_lo]) == color_to_rgb(shapes.KIND_PAINTS[o.color, o.shape])
+    for i in range(8):
+        ed = shapes.editing_example(4, i, 64, paint="kind")
+        tags = [b.color for b in parse_got(ed["got"])]
+        assert tags and all(t in shapes.PAINT_KINDS for t in tags)
+        assert shapes.PAINT_KINDS[tags[0]] in {(o, s) for o in shapes.COLORS for s in shapes.SHAPES}
+
+
+def test_paint_option_of_the_cli(tmp_path, capsys):
+    shapes.main(["--out", str(tmp_path / "k"), "--num-generation", "6", "--num-editing", "2", "--paint", "kind"])
+    for line in (tmp_path / "k" / "annotations" / "generation.jsonl").read_text().splitlines():
+        tags = [b.color for b in parse_got(json.loads(line)["got"])]
+        assert tags and all(t in shapes.PAINT_KINDS for t in tags)
+    with pytest.raises(ValueError, match="unknown layout paint 'shape'"):
+        shapes.write_shapes(tmp_path / "bad", paint="shape")
+    assert not (tmp_path / "bad").exists()  # nothing written
+    with pytest.raises(SystemExit):
+        shapes.main(["--out", str(tmp_path / "bad2"), "--paint", "shape"])
+    assert "--paint: invalid choice: 'shape'" in capsys.readouterr().err

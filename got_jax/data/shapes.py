@@ -57,6 +57,37 @@ EDITS = ("recolor", "move", "add", "remove")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 GRID = 3  # objects live in distinct cells of a GRID x GRID grid
 
+# Layout paints (the colour tag after each box, which only paints the layout canvas): ``"color"`` tags a box with
+# its object's colour, so the layout carries colour but not shape, and the UNet must take the shape from the
+# reasoner's hidden states and tie it to the right box itself; ``"kind"`` tags it with a PIL colour naming the
+# object's (colour, shape) pair (:data:`KIND_PAINTS`), so the layout carries both. GoT's layout colours are
+# free (GOT_SYSTEM: "used only to paint the layout"); these are the shapes data's two choices.
+PAINTS = ("color", "kind")
+# One PIL colour per (colour, shape), each near its colour's hue (the overlays stay readable), chosen to keep the
+# 18 paints' RGB directions apart: the minimum angle between two is 13.6 degrees (yellow vs orange, the closest
+# pair of object colours: 12.3). Directions, not magnitudes, because a box's layout latent is averaged with the
+# black canvases of the other boxes (GOT_SYSTEM, spatial guidance), which scales it.
+KIND_PAINTS = {
+    ("red", "circle"): "crimson", ("red", "square"): "maroon", ("red", "triangle"): "palevioletred",
+    ("green", "circle"): "green", ("green", "square"): "chartreuse", ("green", "triangle"): "limegreen",
+    ("blue", "circle"): "blue", ("blue", "square"): "darkslateblue", ("blue", "triangle"): "slategray",
+    ("yellow", "circle"): "yellow", ("yellow", "square"): "olivedrab", ("yellow", "triangle"): "darkkhaki",
+    ("purple", "circle"): "indigo", ("purple", "square"): "mediumorchid", ("purple", "triangle"): "mediumvioletred",
+    ("orange", "circle"): "darkorange", ("orange", "square"): "orangered", ("orange", "triangle"): "coral",
+}
+PAINT_KINDS = {v: k for k, v in KIND_PAINTS.items()}  # paint -> (colour, shape)
+
+
+def check_paint(paint: str) -> str:
+    if paint not in PAINTS:
+        raise ValueError(f"unknown layout paint {paint!r}; expected one of {PAINTS}")
+    return paint
+
+
+def paint_of(obj: "ShapeObject", paint: str = "color") -> str:
+    """The colour tag that paints ``obj``'s box in the layout (:data:`PAINTS`)."""
+    return obj.color if check_paint(paint) == "color" else KIND_PAINTS[(obj.color, obj.shape)]
+
 
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
@@ -89,11 +120,11 @@ def pixel_to_box_coords(lo: int, hi: int, size: int) -> tuple[int, int]:
     return c1, c2
 
 
-def object_box(obj: ShapeObject, height: int, width: int) -> Box:
-    """The exact GoT box of ``obj`` with its phrase and colour."""
+def object_box(obj: ShapeObject, height: int, width: int, paint: str = "color") -> Box:
+    """The exact GoT box of ``obj`` with its phrase and its layout paint (:func:`paint_of`)."""
     x1, x2 = pixel_to_box_coords(obj.x_lo, obj.x_hi, width)
     y1, y2 = pixel_to_box_coords(obj.y_lo, obj.y_hi, height)
-    return Box(x1, y1, x2, y2, phrase=obj.phrase, color=obj.color)
+    return Box(x1, y1, x2, y2, phrase=obj.phrase, color=paint_of(obj, paint))
 
 
 def shape_mask(shape: str, h: int, w: int) -> np.ndarray:
@@ -452,9 +483,10 @@ def eval_prompts(task: str, n: int, size: int = 64, combos: str = "held_out") ->
     return out
 
 
-def got_text(caption: str, objects: list[ShapeObject], size: int) -> str:
-    """Generation GoT text in the released format (description, then one box per object)."""
-    boxes = [object_box(o, size, size) for o in objects]
+def got_text(caption: str, objects: list[ShapeObject], size: int, paint: str = "color") -> str:
+    """Generation GoT text in the released format (description, then one box per object, tagged with its
+    layout paint: :data:`PAINTS`)."""
+    boxes = [object_box(o, size, size, paint) for o in objects]
     names = ", ".join(o.phrase for o in objects)
     prefix = f"The image shows {caption} on a plain white background, containing {names}.\n"
     return format_got(boxes, prefix)
@@ -496,22 +528,24 @@ def parse_task_weights(text: str) -> dict[str, int]:
     return out
 
 
-def generation_example(seed: int, index: int, size: int, task_weights: dict[str, int] | None = None) -> dict:
+def generation_example(seed: int, index: int, size: int, task_weights: dict[str, int] | None = None,
+                       paint: str = "color") -> dict:
     """One generation example: caption, GoT text, image (uint8 HWC), the ground-truth GoT boxes and objects.
-    The task is ``task_cycle(task_weights)[index % len(cycle)]`` (default: GenEval's six in turn)."""
+    The task is ``task_cycle(task_weights)[index % len(cycle)]`` (default: GenEval's six in turn); ``paint`` the
+    boxes' layout colour tags (:data:`PAINTS`; the scenes do not depend on it)."""
     rng = np.random.default_rng([seed, 0, index])
     cycle = task_cycle(task_weights)
     task = cycle[index % len(cycle)]
     caption, objs = sample_scene(rng, task, size)
     return {
-        "id": f"gen_{index:07d}", "task": task, "caption": caption, "got": got_text(caption, objs, size),
-        "image": render(objs, size), "boxes": [object_box(o, size, size) for o in objs], "objects": objs,
+        "id": f"gen_{index:07d}", "task": task, "caption": caption, "got": got_text(caption, objs, size, paint),
+        "image": render(objs, size), "boxes": [object_box(o, size, size, paint) for o in objs], "objects": objs,
     }
 
 
-def editing_example(seed: int, index: int, size: int) -> dict:
+def editing_example(seed: int, index: int, size: int, paint: str = "color") -> dict:
     """One editing pair (recolour / move / add / remove) with a numbered editing plan; neither image realises a
-    held-out combination (:func:`leaks`)."""
+    held-out combination (:func:`leaks`). ``paint``: the boxes' layout colour tags (:data:`PAINTS`)."""
     rng = np.random.default_rng([seed, 1, index])
     kind = EDITS[index % len(EDITS)]
     for _ in range(_MAX_TRIES):  # redrawn until neither image realises a held-out combination
@@ -547,7 +581,7 @@ def editing_example(seed: int, index: int, size: int) -> dict:
             break
     else:
         raise RuntimeError(f"no editing scene free of held-out combinations in {_MAX_TRIES} tries")
-    sb = object_box(subject, size, size)
+    sb = object_box(subject, size, size, paint)
     names = ", ".join(o.phrase for o in objs)
     steps = [f"1. The source image shows {names} on a plain white background.\n", f"2. The object to edit is "]
     segs = [steps[0] + steps[1]]
@@ -561,7 +595,7 @@ def editing_example(seed: int, index: int, size: int) -> dict:
         "remove": f".\n3. Remove it and fill the area with the white background.\n4. The result shows {', '.join(o.phrase for o in tgt) or 'an empty background'}.",
     }[kind]
     if kind == "move":
-        boxes.append(object_box(result, size, size))
+        boxes.append(object_box(result, size, size, paint))
         segs.append(tail)
         tail = f".\n4. The result shows {', '.join(o.phrase for o in tgt)}."
     return {
@@ -584,16 +618,19 @@ def _write_png(path: Path, img: np.ndarray) -> None:
 
 
 def write_shapes(out: str | os.PathLike, *, size: int = 64, num_generation: int = 60, num_editing: int = 20, seed: int = 0,
-                 task_weights: dict[str, int] | None = None) -> Path:
+                 task_weights: dict[str, int] | None = None, paint: str = "color") -> Path:
     """Write ``annotations/generation.jsonl`` / ``annotations/editing.jsonl`` + ``images/*.png`` under ``out``
     (atomically per file): a ``--manual_dir`` for ``got_generation --config shapes`` and ``got_editing --config
-    shapes_edit`` as written. ``task_weights`` sets the share of each generation task (:func:`task_cycle`)."""
-    task_cycle(task_weights)  # bad weights fail before anything is written
+    shapes_edit`` as written. ``task_weights`` sets the share of each generation task (:func:`task_cycle`),
+    ``paint`` the boxes' layout colour tags (:data:`PAINTS`)."""
+    task_cycle(task_weights)  # bad weights and paints fail before anything is written
+    check_paint(paint)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / ANNOTATIONS).mkdir(parents=True, exist_ok=True)
-    gen = functools.partial(generation_example, task_weights=task_weights)
-    for name, n, fn in (("generation", num_generation, gen), ("editing", num_editing, editing_example)):
+    gen = functools.partial(generation_example, task_weights=task_weights, paint=paint)
+    edit = functools.partial(editing_example, paint=paint)
+    for name, n, fn in (("generation", num_generation, gen), ("editing", num_editing, edit)):
         lines = []
         for i in range(n):
             ex = fn(seed, i, size)
@@ -625,13 +662,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-weights", default="", help="share of each generation task per cycle, e.g. position=3 "
                    f"(others 1; tasks: {','.join(TASKS)})")
+    p.add_argument("--paint", default="color", choices=PAINTS,
+                   help="layout colour tags: the object's colour, or a colour naming its (colour, shape) kind")
     a = p.parse_args(argv)
     try:
         weights = parse_task_weights(a.task_weights)
     except ValueError as e:
         p.error(f"--task-weights: {e}")
     path = write_shapes(a.out, size=a.size, num_generation=a.num_generation, num_editing=a.num_editing, seed=a.seed,
-                        task_weights=weights)
+                        task_weights=weights, paint=a.paint)
     print(f"wrote {a.num_generation} generation and {a.num_editing} editing examples to {path}; build them with\n"
           f"  python -m got_jax.data.build got_generation --config shapes --manual_dir {path} --data_dir TFDS_DIR\n"
           f"  python -m got_jax.data.build got_editing --config shapes_edit --manual_dir {path} --data_dir TFDS_DIR")

@@ -9,7 +9,8 @@ model's greedy plan is generated once; then images are sampled, through interact
 
 * the plan itself, and
 * the same plan with the two objects' shapes traded (:func:`swap_shapes`: "an orange triangle ... a green circle"
-  -> "an orange circle ... a green triangle", same boxes and colours),
+  -> "an orange circle ... a green triangle", same boxes and colours; kind paints, which name the shapes, traded
+  with them),
 
 with the same seeds and the guidance scales the folder records (else the paper's). Per planned object it asks
 whether the image draws it as the plan says (shape and colour, centre in its box: :func:`got_jax.eval.shapes.match_plan`).
@@ -30,13 +31,15 @@ import numpy as np
 
 from got_jax.data import shapes
 from got_jax.eval import shapes as ev
+from got_jax.got.text import parse_got
 from got_jax.sampling.runner import atomic_write
 
 
 def swap_shapes(got_text: str) -> str | None:
     """``got_text`` with the shapes of its first two planned objects of different shapes and colours traded,
-    everywhere the text names them ("{colour} {shape}"), boxes and colour tags kept; None if the plan has no
-    such pair or names them otherwise."""
+    everywhere the text names them ("{colour} {shape}"), boxes kept, colour tags kept when they are the objects'
+    colours and traded with the shapes when they are kind paints (:data:`got_jax.data.shapes.KIND_PAINTS`); None
+    if the plan has no such pair or names them otherwise."""
     objs = ev.plan_detections(got_text)
     pair = next(((a, b) for a, b in itertools.combinations(objs, 2) if a.cls != b.cls and a.color != b.color), None)
     if pair is None:
@@ -47,6 +50,13 @@ def swap_shapes(got_text: str) -> str | None:
         return None
     text = got_text.replace(old_a, "\0a").replace(old_b, "\0b")
     text = text.replace("\0a", f"{a.color} {b.cls}").replace("\0b", f"{b.color} {a.cls}")
+    paints = {k: shapes.KIND_PAINTS.get(k) for k in ((a.color, a.cls), (b.color, b.cls), (a.color, b.cls), (b.color, a.cls))}
+    tags = {(x.phrase or "", x.color) for x in parse_got(got_text)}
+    if any(f"{o.color} {o.cls}" in phrase and tag == paints[o.color, o.cls] != o.color
+           for o in (a, b) for phrase, tag in tags):
+        # kind paints (shapes data's paint="kind"): the layout names each box's shape too, so it is traded as well
+        text = text.replace(f"({paints[a.color, a.cls]})", "\0a").replace(f"({paints[b.color, b.cls]})", "\0b")
+        text = text.replace("\0a", f"({paints[a.color, b.cls]})").replace("\0b", f"({paints[b.color, a.cls]})")
     swapped = {(d.color, d.cls) for d in ev.plan_detections(text)}
     return text if {(a.color, b.cls), (b.color, a.cls)} <= swapped else None
 

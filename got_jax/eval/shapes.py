@@ -24,7 +24,7 @@ wrongly fails the image only. Position follows GenEval
 its own plan, whatever the prompt, and are not defined for a model that writes no chain (``no_chain``):
 ``draws`` (:func:`draws_plan`), strict: the image's objects are the plan's, one to one, each with its planned shape
 and colour and its centre in its planned box (a plan's shapes drawn swapped between its boxes fail); ``follows``
-(:func:`follows_plan`), lenient: the plan's first coloured box is painted in that colour, which measures the
+(:func:`follows_plan`), lenient: the plan's first coloured box is painted in its object's colour, which measures the
 spatial guidance even where the shape detector rejects the objects. A fifth, the **VAE ceiling**, needs no sampling:
 each prompt's ground-truth scene rendered, passed through the checkpoint's VAE (encode, decode) and scored like
 an image (:func:`vae_round_trips`). No UNet can score above it, so it tells what the VAE loses from what the
@@ -98,21 +98,31 @@ class Settings:
 
 
 def plan_detections(got_text: str) -> list[geneval.Detection]:
-    """The objects a GoT plan states: one per box whose phrase names a shape; colour = the box's colour tag
-    (else a colour word of the phrase, else None); box in 0..1000 units."""
+    """The objects a GoT plan states: one per box whose phrase names a shape; colour: :func:`box_color`; box in
+    0..1000 units."""
     out = []
     for b in parse_got(got_text):
         phrase = b.phrase or ""
         m = _SHAPE_WORD.search(phrase)
         if m is None:
             continue
-        color = b.color
-        if color is None:
-            c = _COLOR_WORD.search(phrase)
-            color = c.group(1) if c else None
+        color = box_color(b)
         out.append(geneval.Detection(m.group(1), color, tuple(float(v) for v in b.coords),
                                      float((b.x2 - b.x1) * (b.y2 - b.y1))))
     return out
+
+
+def box_color(box) -> str | None:
+    """The object colour a plan's box states: its colour tag when that is an object colour (the shapes data's
+    ``paint="color"``), else a colour word of its phrase, else the colour a kind paint names
+    (:data:`got_jax.data.shapes.KIND_PAINTS`), else None."""
+    if box.color in shapes.COLORS:
+        return box.color
+    c = _COLOR_WORD.search(box.phrase or "")
+    if c:
+        return c.group(1)
+    kind = shapes.PAINT_KINDS.get(box.color)
+    return kind[0] if kind else None
 
 
 def score_image(image, metadata) -> tuple[bool, str, list[geneval.Detection]]:
@@ -146,11 +156,13 @@ def score_plan(got_text: str, metadata) -> tuple[bool, str]:
 
 
 def follows_plan(image, got_text: str) -> bool:
-    """Whether ``image`` paints the plan's first coloured box in that box's colour: inside the box (as the layout
-    renderer paints it) at least 20% of the pixels take a palette colour (:func:`got_jax.eval.detect.segment`),
-    and the most frequent one is the box's. False when the plan has no box with a palette colour."""
+    """Whether ``image`` paints the plan's first coloured box in its object's colour (:func:`box_color`): inside the
+    box (as the layout renderer paints it) at least 20% of the pixels take a palette colour
+    (:func:`got_jax.eval.detect.segment`), and the most frequent one is the box's. False when the plan has no box
+    with a colour tag and an object colour."""
     boxes = [b for b in parse_got(got_text) if b.color]
-    if not boxes or boxes[0].color not in shapes.COLORS:
+    color = box_color(boxes[0]) if boxes else None
+    if color is None:
         return False
     a = _rgb(image)
     inside = render_layout_canvases(boxes[:1], *a.shape[:2]).any(-1)[0]
@@ -158,7 +170,7 @@ def follows_plan(image, got_text: str) -> bool:
     coloured = seg[(seg >= 0) & (seg < len(shapes.COLORS))]
     if coloured.size < 0.2 * max(seg.size, 1):
         return False
-    return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == boxes[0].color
+    return shapes.COLORS[int(np.bincount(coloured, minlength=len(shapes.COLORS)).argmax())] == color
 
 
 def _rgb(image) -> np.ndarray:
@@ -195,7 +207,7 @@ def match_plan(image, got_text: str) -> tuple[list[geneval.Detection], list[gene
 def draws_plan(image, got_text: str) -> tuple[bool, str]:
     """Whether ``image`` draws exactly the objects its own plan states (whatever the prompt), and why not: the
     image's detections and the plan's objects pair up one to one (:func:`match_plan`: shape from the box phrase,
-    colour from the box's tag, the detection's centre in the planned box). A shape drawn in another object's box
+    colour from :func:`box_color`, the detection's centre in the planned box). A shape drawn in another object's box
     (the plan's shapes swapped between its boxes), a missing, extra or recoloured object fails. A plan with no
     such object fails. This is the strict form of :func:`follows_plan` (which checks the first box's colour):
     it asks whether the UNet binds each planned shape to its box."""
